@@ -1,0 +1,3 @@
+"""Fine-tune OpenAI Whisper on many GPUs: shards, DeepSpeed training, event-exact evaluation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,411 @@
+"""`launcher shard`: a corpus -> WebDataset tar shards of unpadded float16 Whisper log-mel + transcript JSON.
+
+Order and determinism: splits are written test, validation, train (so a clip that is also in test is
+dropped from train, not the other way round), clips in the source's order, features computed by a pool
+of processes whose results are taken back in order. Shards are cut by size, tar headers carry no time
+or owner, so the same input and settings give byte-identical shards.
+
+Resume: each finished shard is renamed from .tmp into place and then recorded, with its sha256 and the
+drops seen so far, in a journal (OUT/.journal/<split>.jsonl). A rerun keeps the journalled shards whose
+sha256 still matches, skips their clips without decoding them, and writes the rest, identical to what an
+uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from launcher import audio, features
+from launcher.errors import LauncherError
+from launcher.index import DROPPED_FILE, FORMAT, INDEX_FILE, sha256_file, verify_shard
+from launcher.sources import SPLITS, Clip, Source
+from launcher.text import clean_transcript
+
+WRITE_ORDER = ("test", "validation", "train")
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK
+CHUNK = 8  # clips per task sent to a worker: amortises inter-process overhead, keeps order cheap
+INFLIGHT_PER_WORKER = 4  # chunks queued per worker: bounded memory however large the corpus
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What determines the shards' bytes: a rerun with other settings must not mix with these."""
+
+    n_mels: int
+    shard_bytes: int
+    language: str
+
+
+@dataclass(frozen=True)
+class Drop:
+    split: str
+    item: int  # position of the clip in the source's split, for a stable order in dropped.jsonl
+    id: str
+    reason: str
+    detail: str
+
+
+def sample_key(clip_id: str) -> str:
+    """A WebDataset key for an id: no dots (they start the extension) and no path separators. Ids that need
+    changing get a short hash of the original, so distinct ids never share a key."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", clip_id)
+    return safe if safe == clip_id else f"{safe}-{hashlib.sha1(clip_id.encode()).hexdigest()[:8]}"
+
+
+# ---- worker side -----------------------------------------------------------------------------------------
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core; intra-op threads would only contend
+
+
+def featurize(task: tuple[int, str, str, str, bytes, int, str]) -> tuple:
+    """(item, id, origin, text, encoded audio, n_mels, lang) -> ("ok", item, id, npy bytes, json bytes, seconds)
+    or ("drop", item, id, reason, detail)."""
+    item, cid, origin, text, data, n_mels, lang = task
+    try:
+        samples = audio.decode(data)
+    except audio.AudioError as e:
+        return ("drop", item, cid, e.reason, f"{origin}: {e.detail}")
+    seconds = len(samples) / features.SAMPLE_RATE
+    if len(samples) > features.N_SAMPLES:
+        return ("drop", item, cid, "too_long", f"{origin}: {seconds:.2f} s, Whisper's window is {features.CHUNK_LENGTH} s")
+    mel = features.log_mel_spectrogram(samples, n_mels).astype(np.float16)
+    buf = io.BytesIO()
+    np.save(buf, mel, allow_pickle=False)
+    meta = {"id": cid, "text": text, "lang": lang, "seconds": round(seconds, 4)}
+    return ("ok", item, cid, buf.getvalue(), json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(), seconds)
+
+
+def featurize_chunk(tasks: list[tuple]) -> list[tuple]:
+    return [featurize(t) for t in tasks]
+
+
+# ---- tar writing -------------------------------------------------------------------------------------------
+
+def tar_member_bytes(size: int) -> int:
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+class ShardWriter:
+    """Writes samples into size-capped, deterministic tars; a finished shard is atomically renamed into place."""
+
+    def __init__(self, out: Path, split: str, first_shard: int, max_bytes: int):
+        self.out, self.split, self.max_bytes = out, split, max_bytes
+        self.number = first_shard
+        self._tar: tarfile.TarFile | None = None
+        self._size = self._samples = 0
+        self._seconds = 0.0
+
+    @property
+    def rel_path(self) -> str:
+        return f"{self.split}/{self.split}-{self.number:06d}.tar"
+
+    def add(self, key: str, members: list[tuple[str, bytes]], seconds: float) -> dict | None:
+        """Add one sample; returns the finished shard's entry when adding it closed the previous shard."""
+        size = sum(tar_member_bytes(len(data)) for _, data in members)
+        finished = None
+        if self._tar is not None and self._size + size + 2 * TAR_BLOCK > self.max_bytes:
+            finished = self.close()
+        if self._tar is None:
+            (self.out / self.split).mkdir(parents=True, exist_ok=True)
+            self._tar = tarfile.open(self.out / f"{self.rel_path}.tmp", "w", format=tarfile.PAX_FORMAT)
+        for name, data in members:
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._size += size
+        self._samples += 1
+        self._seconds += seconds
+        return finished
+
+    def close(self) -> dict | None:
+        if self._tar is None:
+            return None
+        self._tar.close()
+        tmp = self.out / f"{self.rel_path}.tmp"
+        entry = {"path": self.rel_path, "samples": self._samples, "seconds": round(self._seconds, 4),
+                 "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+        os.replace(tmp, self.out / self.rel_path)
+        self._tar, self._size, self._samples, self._seconds = None, 0, 0, 0.0
+        self.number += 1
+        return entry
+
+
+# ---- journal (resume) ------------------------------------------------------------------------------------
+
+class Journal:
+    """OUT/.journal/<split>.jsonl: a header with the settings, then one line per finished shard
+    (`shard`, `next_item`, `dropped`), then `complete` when the split is done."""
+
+    def __init__(self, out: Path, split: str, header: dict):
+        self.path = out / ".journal" / f"{split}.jsonl"
+        self.out, self.split, self.header = out, split, header
+        self.shards: list[dict] = []
+        self.drops: list[Drop] = []
+        self.next_item = 0
+        self.complete = False
+
+    def resume(self) -> tuple[int, int]:
+        """Load the journal and keep its records up to the first shard that is missing or fails its sha256;
+        later shard files are removed (they will be rewritten). Returns (kept shards, 1 if one failed)."""
+        if not self.path.is_file():
+            self._write([])
+            return 0, 0
+        lines = [json.loads(x) for x in self.path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        if not lines or lines[0].get("header") != self.header:
+            raise LauncherError(
+                f"{self.out} holds {self.split} shards made with other settings or another source "
+                f"({self.path}). Rerun with --overwrite to replace them, or choose another --out.")
+        kept, bad = [], 0
+        for rec in lines[1:]:
+            shard = rec.get("shard")
+            if shard is not None and verify_shard(self.out, shard) is not None:
+                bad = 1
+                break
+            kept.append(rec)
+        for rec in kept:
+            self._apply(rec)
+        self._write(kept)
+        return len(self.shards), bad
+
+    def _apply(self, rec: dict) -> None:
+        if rec.get("shard") is not None:
+            self.shards.append(rec["shard"])
+        self.drops.extend(Drop(**d) for d in rec["dropped"])
+        self.next_item, self.complete = rec["next_item"], bool(rec.get("complete"))
+
+    def _write(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = {s["path"] for s in self.shards}
+        folder = self.out / self.split
+        for f in sorted(folder.glob("*.tar*")) if folder.is_dir() else []:
+            if f"{self.split}/{f.name}" not in kept:
+                f.unlink()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [{"header": self.header}, *records]),
+                       encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def record(self, shard: dict | None, next_item: int, drops: list[Drop], complete: bool = False) -> None:
+        """Append one record; durable before the next shard starts, so a crash loses at most one shard."""
+        rec: dict = {"next_item": next_item, "dropped": [asdict(d) for d in drops]}
+        if shard is not None:
+            rec["shard"] = shard
+        if complete:
+            rec["complete"] = True
+        self._apply(rec)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
+
+class _Dedup:
+    """Ids and audio contents seen so far in this run, across splits."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, str] = {}
+        self.contents: dict[str, tuple[str, str]] = {}
+
+    def check(self, split: str, clip: Clip) -> tuple[str, str] | None:
+        if clip.id in self.ids:
+            return "duplicate", f"{clip.origin}: id {clip.id!r} already taken in {self.ids[clip.id]}"
+        digest = hashlib.sha1(clip.audio).hexdigest()
+        if digest in self.contents:
+            other_id, other_split = self.contents[digest]
+            return "duplicate", f"{clip.origin}: same audio bytes as {other_id!r} in {other_split}"
+        self.ids[clip.id] = split
+        self.contents[digest] = (clip.id, split)
+        return None
+
+
+def _precheck(split: str, item: int, clip: Clip, dedup: _Dedup) -> tuple[Drop | None, str]:
+    """Drops decided without decoding: the source's own problems, empty text, duplicates, stated length."""
+    text = clean_transcript(clip.text or "")
+    why = clip.problem
+    if why is None and not text:
+        why = ("empty_text", f"{clip.origin}: the transcript is empty after clean-up (source: {clip.text!r})")
+    if why is None:
+        why = dedup.check(split, clip)
+    if why is None and clip.duration is not None and clip.duration > features.CHUNK_LENGTH:
+        why = ("too_long", f"{clip.origin}: {clip.duration:.2f} s stated, Whisper's window is "
+                           f"{features.CHUNK_LENGTH} s")
+    return (Drop(split, item, clip.id, *why) if why else None), text
+
+
+class _Pool:
+    """Ordered, bounded map over worker processes (or inline when workers == 0)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._ex = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker)
+                    if workers > 0 else None)
+
+    def map(self, chunks: Iterator[list[tuple]]) -> Iterator[tuple]:
+        if self._ex is None:
+            for chunk in chunks:
+                yield from featurize_chunk(chunk)
+            return
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(self._ex.submit(featurize_chunk, chunk))
+            if len(pending) >= self.workers * INFLIGHT_PER_WORKER:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+    def shutdown(self) -> None:
+        if self._ex is not None:
+            self._ex.shutdown(cancel_futures=True)
+
+
+def _chunks(tasks: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
+    chunk = []
+    for t in tasks:
+        chunk.append(t)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def shard_corpus(source: Source, out: Path, settings: Settings, *, workers: int, splits: list[str] | None = None,
+                 overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """Write the splits of `source` to `out` (resuming a run that stopped); returns the index written to
+    out/index.json."""
+    out = Path(out)
+    progress = progress or Progress(disable=True)
+    if overwrite:
+        for name in (INDEX_FILE, DROPPED_FILE, ".journal", *SPLITS):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    available = source.splits()
+    wanted = splits or available
+    unknown = [s for s in wanted if s not in available]
+    if unknown:
+        raise LauncherError(f"split(s) {', '.join(unknown)} not in the source, which has: {', '.join(available)}")
+    order = [s for s in WRITE_ORDER if s in wanted]
+    header = {"format": FORMAT, "settings": asdict(settings), "source": source.describe()}
+    dedup = _Dedup()
+    pool = _Pool(workers)
+    journals: dict[str, Journal] = {}
+    try:
+        for pos, split in enumerate(order):
+            journal = journals[split] = Journal(out, split, header)
+            kept, bad = journal.resume()
+            if kept or bad:
+                progress.log(f"resuming {split}: {kept} finished shard(s) verified and kept"
+                             + (", the next one failed its sha256 check and is rewritten" if bad else ""))
+            if journal.complete and pos == len(order) - 1:
+                continue  # no later split needs this one's ids for de-duplication
+            _shard_split(source, split, out, settings, journal, dedup, pool, progress)
+    finally:
+        pool.shutdown()
+    return _write_index(out, header, journals)
+
+
+def _shard_split(source: Source, split: str, out: Path, settings: Settings, journal: Journal, dedup: _Dedup,
+                 pool: _Pool, progress: Progress) -> None:
+    """Shard one split from where its journal stopped. Clips before `journal.next_item` are in verified
+    shards: they are only read for de-duplication, never decoded."""
+    skip = journal.next_item
+    drops: list[Drop] = []  # decided but not yet journalled
+    seen = [0]
+    task = progress.add_task(split, total=source.count(split), hours=0.0, speed=0.0)
+
+    def tasks() -> Iterator[tuple]:
+        for item, clip in enumerate(source.clips(split)):
+            seen[0] = item + 1
+            drop, text = _precheck(split, item, clip, dedup)
+            if item < skip or drop:
+                drops.extend([drop] if drop and item >= skip else [])
+                progress.advance(task)
+                continue
+            yield (item, clip.id, clip.origin, text, clip.audio, settings.n_mels, settings.language)
+
+    if journal.complete:
+        for _ in tasks():
+            pass
+        progress.remove_task(task)
+        return
+    writer = ShardWriter(out, split, len(journal.shards), settings.shard_bytes)
+    started, audio_s, next_item = time.monotonic(), 0.0, skip
+    for kind, item, cid, *rest in pool.map(_chunks(tasks(), CHUNK)):
+        if kind == "drop":
+            drops.append(Drop(split, item, cid, *rest))
+        else:
+            mel, meta, seconds = rest
+            finished = writer.add(sample_key(cid), [("mel.npy", mel), ("json", meta)], seconds)
+            if finished:
+                _journal_shard(journal, finished, next_item, drops)
+            audio_s += seconds
+        next_item = item + 1
+        progress.update(task, advance=1, hours=audio_s / 3600,
+                        speed=audio_s / max(time.monotonic() - started, 1e-9))
+    finished = writer.close()
+    if finished:
+        _journal_shard(journal, finished, seen[0], drops)
+    journal.record(None, seen[0], sorted(drops, key=lambda d: d.item), complete=True)
+
+
+def _journal_shard(journal: Journal, shard: dict, next_item: int, drops: list[Drop]) -> None:
+    """Journal a finished shard with the drops among the clips before `next_item`."""
+    mine = sorted((d for d in drops if d.item < next_item), key=lambda d: d.item)
+    drops[:] = [d for d in drops if d.item >= next_item]
+    journal.record(shard, next_item, mine)
+
+
+def _write_index(out: Path, header: dict, journals: dict[str, Journal]) -> dict:
+    splits, drops = {}, []
+    for split in SPLITS:
+        if split not in journals:
+            continue
+        j = journals[split]
+        shards = [{k: s[k] for k in ("path", "samples", "seconds", "bytes", "sha256")} for s in j.shards]
+        splits[split] = {"samples": sum(s["samples"] for s in shards),
+                         "seconds": round(sum(s["seconds"] for s in shards), 4),
+                         "dropped": len(j.drops), "shards": shards}
+        drops.extend(sorted(j.drops, key=lambda d: d.item))
+    settings = header["settings"]
+    index = {
+        "format": FORMAT,
+        "features": {"n_mels": settings["n_mels"], "sampling_rate": features.SAMPLE_RATE, "n_fft": features.N_FFT,
+                     "hop_length": features.HOP_LENGTH, "dtype": "float16", "frames": features.N_FRAMES,
+                     "padding": "unpadded; pad to frames with max(stored max - 2, -1.5)"},
+        "source": {**header["source"], "language": settings["language"]},
+        "text": "source sentence, Unicode NFC, whitespace collapsed",
+        "shard_bytes": settings["shard_bytes"],
+        "splits": splits,
+        "dropped": dict(sorted(Counter(d.reason for d in drops).items())),
+    }
+    with open(out / DROPPED_FILE, "w", encoding="utf-8") as f:
+        for d in drops:
+            f.write(json.dumps({"id": d.id, "split": d.split, "reason": d.reason, "detail": d.detail},
+                               ensure_ascii=False) + "\n")
+    tmp = out / f"{INDEX_FILE}.tmp"
+    tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / INDEX_FILE)
+    return index

@@ -1,0 +1,81 @@
+"""Any Hugging Face dataset with an audio and a text column: a hub id or a local folder (parquet,
+audiofolder, ...), streamed. The audio column is read with `Audio(decode=False)` and the bytes go through
+the project's own decoder, so every source has one decode path (datasets >= 4 would otherwise need
+torchcodec and FFmpeg)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from launcher.errors import LauncherError
+from launcher.sources import SPLITS, Clip, clip_id
+
+SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "valid"), "test": ("test",)}
+TEXT_COLUMNS = ("sentence", "text", "transcription", "transcript", "normalized_text")
+
+
+class HFDataset:
+    def __init__(self, name: str, config: str | None, *, audio_column: str | None = None,
+                 text_column: str | None = None):
+        import datasets
+
+        self.name, self.config = name, config
+        try:
+            self._ds = datasets.load_dataset(name, config, streaming=True)
+        except Exception as e:  # noqa: BLE001 - any loading failure ends here with the dataset named
+            raise LauncherError(f"cannot load Hugging Face dataset {name!r}"
+                                f"{f' (config {config!r})' if config else ''}: {type(e).__name__}: {e}") from None
+        self._split_names = {}
+        for split in SPLITS:
+            for alias in SPLIT_ALIASES[split]:
+                if alias in self._ds:
+                    self._split_names[split] = alias
+                    break
+        if not self._split_names:
+            raise LauncherError(f"dataset {name!r} has splits {list(self._ds)}, none of {', '.join(SPLITS)} "
+                                "(or dev/valid)")
+        first = self._ds[next(iter(self._split_names.values()))]
+        columns = list(first.features or {})
+        self.audio_column = audio_column or next((c for c in columns if type(first.features[c]).__name__ == "Audio"),
+                                                 "audio")
+        self.text_column = text_column or next((c for c in TEXT_COLUMNS if c in columns), None)
+        for what, col, flag in (("audio", self.audio_column, "--audio-column"), ("text", self.text_column,
+                                                                                  "--text-column")):
+            if col not in columns:
+                raise LauncherError(f"dataset {name!r} has no {what} column {col!r} (columns: {', '.join(columns)}); "
+                                    f"name it with {flag}")
+
+    def describe(self) -> dict:
+        location = str(Path(self.name).resolve()) if Path(self.name).exists() else self.name
+        return {"kind": "hf", "location": location, "config": self.config, "audio_column": self.audio_column,
+                "text_column": self.text_column}
+
+    def splits(self) -> list[str]:
+        return list(self._split_names)
+
+    def count(self, split: str) -> int | None:
+        info = self._ds[self._split_names[split]].info
+        split_info = (info.splits or {}).get(self._split_names[split]) if info else None
+        return split_info.num_examples if split_info and split_info.num_examples else None
+
+    def clips(self, split: str) -> Iterator[Clip]:
+        import datasets
+
+        name = self._split_names[split]
+        ds = self._ds[name].cast_column(self.audio_column, datasets.Audio(decode=False))
+        for i, row in enumerate(ds):
+            audio = row[self.audio_column] or {}
+            path = audio.get("path") or ""
+            cid = str(row["id"]) if row.get("id") is not None else clip_id(path) if path else f"{name}-{i:08d}"
+            origin = f"{self.name}[{name}][{i}]" + (f" ({path})" if path else "")
+            text = row.get(self.text_column)
+            data = audio.get("bytes")
+            if data is None and path and Path(path).is_file():
+                data = Path(path).read_bytes()
+            if data is None:
+                yield Clip(cid, text or "", None, origin, ("missing_audio", f"{origin}: no audio bytes or readable path"))
+            elif not isinstance(text, str):
+                yield Clip(cid, "", None, origin, ("empty_text", f"{origin}: text column holds {text!r}"))
+            else:
+                yield Clip(cid, text, data, origin)
