@@ -87,7 +87,8 @@ def featurize(task: tuple[int, str, str, str, bytes, int, str]) -> tuple:
         return ("drop", item, cid, e.reason, f"{origin}: {e.detail}")
     seconds = len(samples) / features.SAMPLE_RATE
     if len(samples) > features.N_SAMPLES:
-        return ("drop", item, cid, "too_long", f"{origin}: {seconds:.2f} s, Whisper's window is {features.CHUNK_LENGTH} s")
+        return ("drop", item, cid, "too_long",
+                f"{origin}: {seconds:.2f} s, Whisper's window is {features.CHUNK_LENGTH} s")
     mel = features.log_mel_spectrogram(samples, n_mels).astype(np.float16)
     buf = io.BytesIO()
     np.save(buf, mel, allow_pickle=False)

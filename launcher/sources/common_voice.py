@@ -102,14 +102,22 @@ class CommonVoiceHub:
         self.location, self.lang = location, lang
         try:
             self.fs, self.root = fsspec.core.url_to_fs(location)
-            present = {s: self.fs.exists(self._tsv(s)) for s in CV_SPLIT_FILES}
+            present = [s for s in CV_SPLIT_FILES if self._has(self._tsv(s))]
         except Exception as e:  # noqa: BLE001 - hub, auth and network errors all end here with advice
             raise _hub_error(location, e) from None
-        self._splits = [s for s, ok in present.items() if ok]
+        self._splits = present
         if not self._splits:
             raise LauncherError(f"{location}: no transcript/{lang}/{{train,dev,test}}.tsv; is {lang!r} a language of "
                                 "this Common Voice release?")
         self._rows: dict[str, list] = {}
+
+    def _has(self, path: str) -> bool:
+        """Like fs.exists, but auth and network errors propagate (HfFileSystem.exists says False to them)."""
+        try:
+            self.fs.info(path)
+            return True
+        except FileNotFoundError:
+            return False
 
     def describe(self) -> dict:
         loc = self.location if "://" in self.location else str(Path(self.location).resolve())
@@ -144,8 +152,9 @@ class CommonVoiceHub:
             line, rel, sentence = row
             name = PurePosixPath(rel).name
             if name in wanted:
-                yield Clip(clip_id(name), sentence, None, f"{cv_split}.tsv line {line}",
-                           ("duplicate", f"{cv_split}.tsv line {line} repeats {name} (first on line {wanted[name][0]})"))
+                origin = f"{cv_split}.tsv line {line}"
+                why = f"{origin} repeats {name} (first on line {wanted[name][0]})"
+                yield Clip(clip_id(name), sentence, None, origin, ("duplicate", why))
                 continue
             wanted[name] = (line, sentence)
         tars = sorted(self.fs.glob(f"{self.root}/audio/{self.lang}/{cv_split}/*.tar"), key=natural_key)

@@ -1,7 +1,8 @@
 """Any Hugging Face dataset with an audio and a text column: a hub id or a local folder (parquet,
-audiofolder, ...), streamed. The audio column is read with `Audio(decode=False)` and the bytes go through
-the project's own decoder, so every source has one decode path (datasets >= 4 would otherwise need
-torchcodec and FFmpeg)."""
+audiofolder, ...), streamed. The audio column is read undecoded and its bytes go through the project's own
+decoder, so every source has one decode path. datasets >= 4 needs torchcodec (and FFmpeg's libraries) for
+its Audio feature even with decode=False, so the column is cast to what it holds underneath: a
+{bytes, path} struct (parquet, arrow) or a file path (audiofolder)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,20 @@ from launcher.sources import SPLITS, Clip, clip_id
 
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "valid"), "test": ("test",)}
 TEXT_COLUMNS = ("sentence", "text", "transcription", "transcript", "normalized_text")
+
+
+def _undecoded(ds, column: str):
+    """`ds` with the audio column as stored: a {bytes, path} struct, or else a plain path string."""
+    from datasets import Value
+
+    for raw in ({"bytes": Value("binary"), "path": Value("string")}, Value("string")):
+        cast = ds.cast_column(column, raw)
+        try:
+            next(iter(cast.take(1)), None)
+            return cast
+        except (AttributeError, TypeError, ValueError):
+            continue
+    raise LauncherError(f"audio column {column!r} holds neither {{bytes, path}} nor a file path")
 
 
 class HFDataset:
@@ -46,6 +61,14 @@ class HFDataset:
                 raise LauncherError(f"dataset {name!r} has no {what} column {col!r} (columns: {', '.join(columns)}); "
                                     f"name it with {flag}")
 
+    def _path_id(self, path: str) -> str:
+        """A clip id from its file: the path inside a local dataset folder (audiofolder keeps train/a.wav and
+        test/a.wav apart), else the file name without extension (Common Voice style, unique by itself)."""
+        folder = Path(self.name).resolve()
+        if Path(path).is_absolute() and folder.is_dir() and Path(path).is_relative_to(folder):
+            return Path(path).relative_to(folder).with_suffix("").as_posix()
+        return clip_id(path)
+
     def describe(self) -> dict:
         location = str(Path(self.name).resolve()) if Path(self.name).exists() else self.name
         return {"kind": "hf", "location": location, "config": self.config, "audio_column": self.audio_column,
@@ -60,21 +83,20 @@ class HFDataset:
         return split_info.num_examples if split_info and split_info.num_examples else None
 
     def clips(self, split: str) -> Iterator[Clip]:
-        import datasets
-
         name = self._split_names[split]
-        ds = self._ds[name].cast_column(self.audio_column, datasets.Audio(decode=False))
-        for i, row in enumerate(ds):
+        for i, row in enumerate(_undecoded(self._ds[name], self.audio_column)):
             audio = row[self.audio_column] or {}
+            audio = {"path": audio, "bytes": None} if isinstance(audio, str) else audio
             path = audio.get("path") or ""
-            cid = str(row["id"]) if row.get("id") is not None else clip_id(path) if path else f"{name}-{i:08d}"
+            cid = str(row["id"]) if row.get("id") is not None else self._path_id(path) if path else f"{name}-{i:08d}"
             origin = f"{self.name}[{name}][{i}]" + (f" ({path})" if path else "")
             text = row.get(self.text_column)
             data = audio.get("bytes")
             if data is None and path and Path(path).is_file():
                 data = Path(path).read_bytes()
             if data is None:
-                yield Clip(cid, text or "", None, origin, ("missing_audio", f"{origin}: no audio bytes or readable path"))
+                why = f"{origin}: no audio bytes and no readable file"
+                yield Clip(cid, text or "", None, origin, ("missing_audio", why))
             elif not isinstance(text, str):
                 yield Clip(cid, "", None, origin, ("empty_text", f"{origin}: text column holds {text!r}"))
             else:

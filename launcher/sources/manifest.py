@@ -66,7 +66,8 @@ class Manifest:
         name = self.path.name
         if split == self.splits()[0]:
             for n, why in self._bad:
-                yield Clip(f"{name}:{n}", "", None, f"{name} line {n}", ("bad_manifest_line", f"{name} line {n}: {why}"))
+                origin = f"{name} line {n}"
+                yield Clip(f"{name}:{n}", "", None, origin, ("bad_manifest_line", f"{origin}: {why}"))
         for n, entry in self._entries[split]:
             audio_path = Path(entry["audio"])
             file = audio_path if audio_path.is_absolute() else self.path.parent / audio_path

@@ -1,0 +1,95 @@
+"""Shared test helpers: real audio (bundled espeak-ng speech, synthesised tones) and corpora built from it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+# Nothing in the suite may reach a hub: fail fast instead of hanging on a network call.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "assets" / "demo_corpus" / "fr"
+CV_COLUMNS = ["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accents", "locale",
+              "segment"]
+
+
+def demo_rows(split_file: str = "train.tsv") -> list[dict]:
+    """Rows of the bundled demo corpus whose clips exist (the deliberately broken ones left out)."""
+    with open(DEMO / split_file, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r for r in rows if (DEMO / "clips" / r["path"]).is_file() and r["sentence"].strip()
+            and not r["path"].startswith("common_voice_fr_9")]
+
+
+def tone(seconds: float, rate: int = 16000, freq: float = 440.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    x = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+def write_tsv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, CV_COLUMNS, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, escapechar="\\",
+                           extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in CV_COLUMNS})
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """`python -m launcher ARGS` in a subprocess, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launcher {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def cv_release(tmp_path: Path) -> Path:
+    """A Common Voice release folder with real speech and every kind of bad input the shard step must report.
+
+    Expected result: train keeps 9, validation 4, test 3; dropped: too_long 1, unreadable_audio 1,
+    empty_audio 1, missing_audio 1, empty_text 1, duplicate 2 (a repeated row, and test audio reused in
+    train under another name), bad_tsv_row 1.
+    """
+    root = tmp_path / "cv" / "fr"
+    clips = root / "clips"
+    clips.mkdir(parents=True)
+    rows = demo_rows()
+    for r in rows[:14]:
+        shutil.copy(DEMO / "clips" / r["path"], clips / r["path"])
+    train, dev, test = rows[:8], rows[8:11], rows[11:14]
+    # other rates, channel counts and containers than Common Voice's 48 kHz mono MP3
+    sf.write(clips / "stereo_44k.wav", tone(1.5, 44100, channels=2), 44100)
+    sf.write(clips / "mono_8k.flac", tone(2.0, 8000, freq=300), 8000)
+    train.append({"path": "stereo_44k.wav", "sentence": "Un son  stéréo\u00a0à 44,1 kHz."})
+    dev.append({"path": "mono_8k.flac", "sentence": "Un son à huit kilohertz."})
+    # bad input, one of each kind
+    sf.write(clips / "long.mp3", tone(31.0, 48000), 48000, format="MP3")
+    (clips / "garbage.mp3").write_bytes(b"ID3 this is not an mp3 at all" * 50)
+    (clips / "empty.mp3").write_bytes(b"")
+    shutil.copy(clips / rows[11]["path"], clips / "copy_of_test.mp3")
+    train += [{"path": "long.mp3", "sentence": "Beaucoup trop long."},
+              {"path": "garbage.mp3", "sentence": "Fichier corrompu."},
+              {"path": "empty.mp3", "sentence": "Fichier vide."},
+              {"path": "absent.mp3", "sentence": "Fichier absent."},
+              {"path": rows[0]["path"], "sentence": "\u200b  "},
+              {"path": rows[1]["path"], "sentence": rows[1]["sentence"]},
+              {"path": "copy_of_test.mp3", "sentence": "La même voix que dans le test."}]
+    write_tsv(root / "train.tsv", train)
+    write_tsv(root / "dev.tsv", dev)
+    write_tsv(root / "test.tsv", test)
+    with open(root / "train.tsv", "a", encoding="utf-8") as f:
+        f.write("speaker_x\tonly_two_fields.mp3\n")
+    return root
