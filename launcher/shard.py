@@ -260,8 +260,13 @@ class _Pool:
 
     def __init__(self, workers: int):
         self.workers = workers
-        self._ex = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker)
-                    if workers > 0 else None)
+        self._ex = None
+        if workers > 0:
+            # Workers fork from a server that imported this module (and torch) once: N workers do not pay
+            # N imports, and nothing is forked from the main process and its progress-bar thread.
+            ctx = get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
+            self._ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
 
     def map(self, chunks: Iterator[list[tuple]]) -> Iterator[tuple]:
         if self._ex is None:
