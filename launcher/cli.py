@@ -59,6 +59,68 @@ def _inspect(args: argparse.Namespace) -> int:
     return 1 if inspect(Path(args.shards), verify=args.verify) else 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    from launcher.recipe import (
+        check_against_data_and_model,
+        deepspeed_config,
+        load_recipe,
+        memory_estimate,
+        recipe_yaml,
+    )
+
+    recipe = load_recipe(Path(args.recipe), args.overrides)
+    index, config = check_against_data_and_model(recipe)
+    console = Console()
+    world = args.world_size
+    console.rule(f"[bold]{args.recipe}[/] (resolved)")
+    console.print(Syntax(recipe_yaml(recipe), "yaml", background_color="default"))
+    console.rule(f"DeepSpeed config for {world} GPU(s)")
+    console.print_json(json.dumps(deepspeed_config(recipe, world)))
+    global_batch = recipe.data.batch_size_per_gpu * recipe.optim.grad_accum * world
+    samples = index["splits"][recipe.data.train_split]["samples"]
+    epochs = recipe.optim.max_steps * global_batch / samples if samples else float("inf")
+    console.rule("schedule")
+    console.print(f"global batch {global_batch} = {recipe.data.batch_size_per_gpu} per GPU x "
+                  f"{recipe.optim.grad_accum} accumulation x {world} GPUs\n"
+                  f"{samples:,} training samples -> {samples / global_batch:,.1f} steps per epoch; "
+                  f"{recipe.optim.max_steps:,} steps = {epochs:.2f} epochs")
+    est = memory_estimate(recipe, config, world)
+    table = Table("parameters", "weights", "gradients", "optimizer", "activations", "total per GPU",
+                  title=f"memory estimate, ZeRO-{recipe.deepspeed.zero_stage}, {recipe.deepspeed.precision} (GiB)")
+    table.add_row(f"{est['parameters_millions']:.0f} M", *(f"{est[k]:.1f}" for k in
+                  ("weights_gib", "gradients_gib", "optimizer_gib", "activations_gib", "total_gib")))
+    console.print(table)
+    console.print("[green]recipe OK[/]")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from launcher.evaluate import run_standalone
+
+    report = run_standalone(args.model, Path(args.shards), args.split, batch_size=args.batch_size,
+                            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                            max_samples=args.max_samples, language=args.language,
+                            out_dir=Path(args.out) if args.out else None, zero_stage=args.zero_stage,
+                            precision=args.precision)
+    if report is not None:
+        print(f"{report['split']}: WER {report['wer']:.2f}%  (orthographic {report['wer_orthographic']:.2f}%, "
+              f"CER {report['cer']:.2f}%) on {report['scored']} of {report['samples']} clips "
+              f"[{report['samples_per_s']:.1f} clips/s, {report['world_size']} process(es)]")
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from launcher.launch import launch
+
+    return launch(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from launcher.demo import run_demo
 
@@ -92,6 +154,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards", help="folder holding index.json, e.g. shards/fr")
     p.add_argument("--verify", action="store_true", help="check every shard's size and sha256 against index.json")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("validate", help="check a recipe; print it resolved, its DeepSpeed config and a memory "
+                                        "estimate")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/large_fr.yaml")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override fields, e.g. --set optim.lr=1e-5")
+    p.add_argument("--world-size", type=int, default=8, help="GPUs in the job (default: 8)")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("evaluate", help="WER of a model on a split of the shards, scored as the event scored it",
+                       description="Greedy decoding with the language token forced; WER after BasicTextNormalizer, "
+                                   "references that normalise to nothing dropped. Runs on one process, or on every "
+                                   "rank under `deepspeed --module launcher evaluate ...` / `torchrun -m`.")
+    p.add_argument("--model", required=True, help="Hugging Face folder (e.g. runs/large_fr/best) or hub id")
+    p.add_argument("--shards", required=True, help="folder holding index.json")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per batch per process")
+    p.add_argument("--num-beams", type=int, default=1, help="1: greedy, the event's rule")
+    p.add_argument("--max-new-tokens", type=int, default=225)
+    p.add_argument("--max-samples", type=int, help="only the first N clips of the split")
+    p.add_argument("--language", help="default: the shards' language from index.json")
+    p.add_argument("--out", help="report folder (default: MODEL/eval)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 2, 3), default=0,
+                   help="wrap the model in DeepSpeed ZeRO-2/3 as in training (weights gathered once)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by DeepSpeed's launcher
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("launch", help="print (or --run) the DeepSpeed command for one node, many nodes or SLURM",
+                       description="Print the exact DeepSpeed command(s) that start train_ds.py in the chosen mode, "
+                                   "or run them with --run. single: this machine; hostfile: every node from here "
+                                   "through pdsh/ssh; per-node: one command per node (--no_ssh --node_rank I); "
+                                   "slurm: an sbatch script. Multi-node modes write HF_*, WANDB_*, NCCL_*, "
+                                   "TRANSFORMERS_* and PYTHONPATH to .deepspeed_env (mode 0600) for the other nodes; "
+                                   "values are never printed.")
+    p.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/large_fr.yaml")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override recipe fields, passed on to train_ds.py")
+    p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
+    p.add_argument("--mode", choices=("single", "hostfile", "per-node", "slurm"), default="single",
+                   help="single (default): this machine; hostfile: DeepSpeed reaches the nodes via pdsh/ssh; "
+                        "per-node: one command to run on each node; slurm: an sbatch script")
+    p.add_argument("--hostfile", help="hostfile, one `HOSTNAME slots=GPUS` line per node (hostfile, per-node)")
+    p.add_argument("--num-gpus", type=int, help="GPUs to use: single (default: all here, or 1), slurm (per node)")
+    p.add_argument("--node-rank", type=int, help="per-node: only this node's command (0 = first host); needed "
+                                                  "with --run")
+    p.add_argument("--master-addr", help="address of node 0 reachable from every node (default: first host of "
+                                         "the hostfile)")
+    p.add_argument("--master-port", type=int, help="rendezvous port on node 0 (default: 29500)")
+    p.add_argument("--launcher", help="hostfile mode: DeepSpeed's multi-node launcher: pdsh (default, over ssh), "
+                                      "openmpi, mpich, impi, mvapich, slurm")
+    p.add_argument("--nodes", type=int, help="slurm: nodes to allocate")
+    p.add_argument("--partition", help="slurm: #SBATCH --partition")
+    p.add_argument("--time", help="slurm: #SBATCH --time, e.g. 24:00:00")
+    p.add_argument("--write", metavar="FILE", help="slurm: write the sbatch script to FILE instead of stdout")
+    p.add_argument("--run", action="store_true", help="run the command instead of printing it (slurm: sbatch it)")
+    p.set_defaults(func=_launch)
 
     p = sub.add_parser("demo", help="the whole flow on the small bundled corpus, on the CPU")
     p.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")

@@ -93,3 +93,60 @@ def cv_release(tmp_path: Path) -> Path:
     with open(root / "train.tsv", "a", encoding="utf-8") as f:
         f.write("speaker_x\tonly_two_fields.mp3\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> dict[str, Path]:
+    """The bundled corpus sharded once per session: 80 bins (shards) and 128 bins (shards128)."""
+    from launcher.shard import Settings, shard_corpus
+    from launcher.sources.common_voice import CommonVoiceRelease
+
+    root = tmp_path_factory.mktemp("demo_shards")
+    out = {}
+    for name, n_mels in (("shards", 80), ("shards128", 128)):
+        shard_corpus(CommonVoiceRelease(DEMO, "fr"), root / name, Settings(n_mels, 200_000, "fr"), workers=0)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Whisper with a tokenizer trained on the demo sentences (no download)."""
+    from launcher.tiny_model import build_tiny_whisper
+
+    return build_tiny_whisper(tmp_path_factory.mktemp("tiny") / "tiny-whisper")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict:
+    """Environment for DeepSpeed on the CPU: gloo, one thread per rank (2 ranks share 2 cores)."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
+def deepspeed_cmd(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "deepspeed"), *args]
+
+
+def run_training(recipe_overrides: list[str], *, ranks: int = 2, extra: tuple[str, ...] = (), timeout: int = 600,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus RANKS train_ds.py --recipe recipes/tiny_demo.yaml --set ...` on the CPU."""
+    cmd = deepspeed_cmd("--num_gpus", str(ranks), "--master_port", str(free_port()), "train_ds.py",
+                        "--recipe", "recipes/tiny_demo.yaml", *extra, "--set", *recipe_overrides)
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

@@ -1,0 +1,141 @@
+"""A tiny random Whisper that loads with the real transformers classes, built offline and deterministically.
+
+Tests and the CPU demo need a Whisper model folder (weights, config, generation config, tokenizer, feature
+extractor) that `WhisperForConditionalGeneration`, `WhisperProcessor`, `WhisperTokenizerFast` and the ASR
+`pipeline` load as they would a real checkpoint, without any download. `build_tiny_whisper` writes one:
+
+- a byte-level BPE tokenizer trained with `tokenizers` on the bundled corpus's sentences, followed by Whisper's
+  special tokens in Whisper's order, so `<|startoftranscript|>` comes right after `<|endoftext|>` and the language
+  tokens right after it, as transformers' Whisper code assumes;
+- a small random `WhisperForConditionalGeneration` with the real 1500-position encoder (30 s of features), so it
+  takes the same [batch, n_mels, 3000] input as the full-size models;
+- a generation config with the language and task tables `generate(language=..., task=...)` reads.
+
+There are no timestamp tokens: generate with `return_timestamps=True` (and so long-form audio) is not supported.
+Same arguments give byte-identical tokenizer files and identical weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, WhisperConfig, WhisperTokenizer
+
+DEMO_CORPUS = Path(__file__).resolve().parent.parent / "assets" / "demo_corpus" / "fr"
+EOT = "<|endoftext|>"
+SOT = "<|startoftranscript|>"
+TASKS = ("translate", "transcribe")
+
+
+def demo_sentences(corpus: Path = DEMO_CORPUS) -> list[str]:
+    """The non-empty `sentence` column of the corpus's train, dev and test TSVs, in that order."""
+    sentences = []
+    for name in ("train.tsv", "dev.tsv", "test.tsv"):
+        with open(corpus / name, encoding="utf-8", newline="") as f:
+            rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            sentences += [row["sentence"] for row in rows if row.get("sentence") and row["sentence"].strip()]
+    return sentences
+
+
+def language_tokens() -> list[str]:
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    return [f"<|{code}|>" for code in LANGUAGES]
+
+
+def special_tokens() -> list[str]:
+    """Whisper's special tokens in Whisper's order (without the timestamp tokens)."""
+    return [EOT, SOT, *language_tokens(), "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
+            "<|nocaptions|>", "<|notimestamps|>"]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a GPT-2-style byte-level BPE (the pre-tokenizer Whisper uses) trained on `texts`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size must be at least 256 (one token per byte), got {vocab_size}")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # every byte in the alphabet, so text the corpus never showed (other accents, digits) still encodes
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(list(texts), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    return model["vocab"], [tuple(merge) for merge in model["merges"]]
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int) -> WhisperTokenizer:
+    from transformers import WhisperTokenizer
+
+    vocab, merges = train_bpe(texts, vocab_size)
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges, unk_token=EOT, bos_token=EOT, eos_token=EOT,
+                                 pad_token=EOT)
+    # <|endoftext|> is already added (as eos); the rest follow it in order, so ids are len(vocab) + position
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens()[1:]})
+    return tokenizer
+
+
+def special_ids(tokenizer: WhisperTokenizer) -> dict[str, int]:
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special_tokens()}
+    expected = list(range(ids[EOT], ids[EOT] + len(ids)))
+    if list(ids.values()) != expected:
+        raise RuntimeError(f"special tokens are not consecutive in Whisper's order: {ids}")
+    return ids
+
+
+def build_config(ids: dict[str, int], vocab_size: int, *, n_mels: int, d_model: int, layers: int,
+                 heads: int) -> WhisperConfig:
+    from transformers import WhisperConfig
+
+    eot = ids[EOT]
+    return WhisperConfig(
+        vocab_size=vocab_size, num_mel_bins=n_mels, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model, max_source_positions=1500, max_target_positions=448, pad_token_id=eot,
+        bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=ids[SOT], suppress_tokens=[],
+        begin_suppress_tokens=[eot])
+
+
+def build_generation_config(ids: dict[str, int]) -> GenerationConfig:
+    """What WhisperGenerationMixin reads to build the prompt [sot, language, task, notimestamps] and stop."""
+    from transformers import GenerationConfig
+
+    eot = ids[EOT]
+    return GenerationConfig(
+        decoder_start_token_id=ids[SOT], bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, max_length=448,
+        is_multilingual=True, lang_to_id={token: ids[token] for token in language_tokens()},
+        task_to_id={task: ids[f"<|{task}|>"] for task in TASKS}, no_timestamps_token_id=ids["<|notimestamps|>"],
+        prev_sot_token_id=ids["<|startofprev|>"], forced_decoder_ids=None, suppress_tokens=[],
+        begin_suppress_tokens=[eot])
+
+
+def build_tiny_whisper(out: Path, *, n_mels: int = 80, texts: Iterable[str] | None = None, vocab_size: int = 400,
+                       seed: int = 0, d_model: int = 64, layers: int = 2, heads: int = 4) -> Path:
+    """Write a tiny random Whisper folder to `out` and return `out`.
+
+    `texts` trains the tokenizer (default: the bundled French corpus's sentences); `vocab_size` bounds the BPE
+    tokens only (fewer when the texts run out of pairs to merge), the special tokens come after them. Same
+    arguments, same tokenizer files and weights.
+    """
+    import torch
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    out = Path(out)
+    tokenizer = build_tokenizer(demo_sentences() if texts is None else texts, vocab_size)
+    ids = special_ids(tokenizer)
+    config = build_config(ids, len(tokenizer), n_mels=n_mels, d_model=d_model, layers=layers, heads=heads)
+    # seeded in a forked RNG so building a model leaves the caller's random stream as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WhisperForConditionalGeneration(config)
+    model.generation_config = build_generation_config(ids)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=n_mels).save_pretrained(out)
+    return out

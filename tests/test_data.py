@@ -1,0 +1,124 @@
+"""The streaming loader: every sample once per epoch over ranks and workers, endless streams, exact skip."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperTokenizerFast
+
+from launcher.data import ShardStream, Targets, collate, contiguous_range, read_samples, split_shards, train_loader
+from launcher.features import pad_features
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_model) -> Targets:
+    return Targets(WhisperTokenizerFast.from_pretrained(tiny_model), "fr", "transcribe", normalize=False)
+
+
+def all_ids(shards) -> list[str]:
+    return [json.loads(meta)["id"] for s in shards for _, _, meta in read_samples(s.path, 0, s.samples)]
+
+
+def stream(shards, targets, rank, world, batch=2, **kw) -> ShardStream:
+    return ShardStream(shards, targets, rank=rank, world_size=world, seed=7, shuffle=True, shuffle_buffer=5,
+                       batch_size=batch, **kw)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 1), (2, 2), (3, 2), (5, 3)])
+def test_every_sample_is_seen_once_per_epoch_across_ranks_and_workers(demo_shards, targets, world, workers):
+    shards = split_shards(demo_shards["shards"], "train")
+    ids = all_ids(shards)
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world):
+            s = stream(shards, targets, rank, world)
+            for worker in range(workers):
+                n = sum(take for _, _, take in s.epoch_items(epoch, worker, workers))
+                gen = s.samples(worker, workers)
+                taken = [next(gen) for _ in range(n * (epoch + 1))][n * epoch:]
+                assert {t["epoch"] for t in taken} == {epoch}
+                seen += [t["id"] for t in taken]
+        assert Counter(seen) == Counter(ids), f"epoch {epoch}"
+
+
+def test_rank_ranges_differ_by_at_most_one_sample():
+    sizes = [b - a for a, b in (contiguous_range(44, 6, r) for r in range(6))]
+    assert sum(sizes) == 44 and max(sizes) - min(sizes) <= 1
+    assert contiguous_range(44, 6, 0)[0] == 0 and contiguous_range(44, 6, 5)[1] == 44
+
+
+def test_streams_never_run_dry_so_uneven_shards_give_equal_steps(demo_shards, targets):
+    shards = split_shards(demo_shards["shards"], "train")  # several shards of unequal sizes
+    for rank in range(3):
+        loader = train_loader(stream(shards[:2], targets, rank, 3, batch=4), num_workers=0)
+        batches = [b for _, b in zip(range(40), loader, strict=False)]
+        assert len(batches) == 40 and all(len(b["ids"]) == 4 for b in batches)
+        assert batches[-1]["epoch"] > 3
+
+
+def test_skip_batches_resumes_exactly_where_the_run_stopped(demo_shards, targets):
+    shards = split_shards(demo_shards["shards"], "train")
+    full = [b["ids"] for _, b in zip(range(9), train_loader(stream(shards, targets, 1, 2), num_workers=2),
+                                      strict=False)]
+    resumed = [b["ids"] for _, b in zip(range(5), train_loader(stream(shards, targets, 1, 2, skip_batches=4),
+                                                               num_workers=2), strict=False)]
+    assert resumed == full[4:9]
+
+
+def test_collate_pads_features_to_3000_frames_and_labels_with_minus_100(demo_shards, targets):
+    shards = split_shards(demo_shards["shards"], "train")
+    samples = [x for _, x in zip(range(3), stream(shards, targets, 0, 1).samples(0, 1), strict=False)]
+    batch = collate(samples)
+    assert batch["input_features"].shape == (3, 80, 3000)
+    torch.testing.assert_close(batch["input_features"][1], pad_features(samples[1]["features"]))
+    longest = max(len(s["labels"]) for s in samples)
+    assert batch["labels"].shape == (3, longest)
+    short = min(range(3), key=lambda i: len(samples[i]["labels"]))
+    assert (batch["labels"][short, len(samples[short]["labels"]):] == -100).all()
+
+
+def test_labels_start_after_startoftranscript_and_end_with_eot(targets):
+    tok = targets.tokenizer
+    ids = targets("Bonjour à tous.")
+    assert tok.convert_ids_to_tokens(ids[:3]) == ["<|fr|>", "<|transcribe|>", "<|notimestamps|>"]
+    assert ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True).strip() == "Bonjour à tous."
+
+
+def test_over_long_labels_are_dropped_and_counted_never_truncated(tmp_path, targets):
+    shard = tmp_path / "train-000000.tar"
+    texts = ["court", " ".join(["mot"] * 600), "encore court"]
+    with tarfile.open(shard, "w") as tar:
+        for i, text in enumerate(texts):
+            for name, data in ((f"s{i}.mel.npy", _npy(np.zeros((80, 10), np.float16))),
+                               (f"s{i}.json", json.dumps({"id": f"s{i}", "text": text}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    from launcher.data import Shard
+
+    s = ShardStream([Shard(shard, 3)], targets, rank=0, world_size=1, seed=0, shuffle=False, shuffle_buffer=1,
+                    batch_size=1)
+    got = [x for _, x in zip(range(4), s.samples(0, 1), strict=False)]
+    assert [g["id"] for g in got] == ["s0", "s2", "s0", "s2"]
+    assert [g["dropped_long"] for g in got] == [0, 1, 0, 1]
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_missing_split_is_a_clear_error(demo_shards):
+    from launcher.errors import LauncherError
+
+    with pytest.raises(LauncherError, match="no split 'dev'"):
+        split_shards(Path(demo_shards["shards"]), "dev")

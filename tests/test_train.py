@@ -1,0 +1,129 @@
+"""Real multi-process DeepSpeed training on the CPU (gloo): ZeRO-2, ZeRO-3, two "nodes" on loopback, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
+
+from launcher import audio
+from tests.conftest import DEMO, REPO, cpu_env, deepspeed_cmd, demo_rows, free_port, read_log, run_training
+
+pytestmark = pytest.mark.slow
+
+
+# 8 clips (the demo's validation split), one step per epoch with 2 ranks x 4: 60 steps are 60 epochs
+SMALL_FIXED_SET = ("data.train_split=validation", "eval.max_new_tokens=20")
+
+
+def overrides(tiny_model: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"model.name_or_path={tiny_model}", f"data.shards={shards}", f"output_dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tiny_model, demo_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("zero2") / "run"
+    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET, "optim.max_steps=60",
+                           "checkpoint.every_steps=30", "logging.every_steps=5"))
+    return run_dir
+
+
+def test_zero2_on_two_ranks_overfits_a_small_fixed_set(zero2_run):
+    log = read_log(zero2_run)
+    assert [r["step"] for r in log] == list(range(5, 61, 5))
+    first, last = log[0]["loss"], log[-1]["loss"]
+    assert last < 0.3 * first, f"loss did not fall clearly: {first:.3f} -> {last:.3f}"
+    assert all(np.isfinite(r["grad_norm"]) and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in log)
+    assert log[-1]["lr"] < log[1]["lr"], "linear decay after warm-up"
+    ds = json.loads((zero2_run / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 4 * 2 and ds["zero_optimization"]["stage"] == 2
+    assert (zero2_run / "recipe.yaml").is_file() and list((zero2_run / "tensorboard").iterdir())
+    assert sorted(p.name for p in (zero2_run / "checkpoints").iterdir() if p.is_dir()) == ["step-30", "step-60"]
+
+
+def test_final_model_loads_with_from_pretrained_and_transcribes(zero2_run):
+    final = zero2_run / "final"
+    model = WhisperForConditionalGeneration.from_pretrained(final)
+    processor = WhisperProcessor.from_pretrained(final)
+    assert model.generation_config.language == "fr"
+    row = demo_rows()[0]
+    pcm = audio.decode((DEMO / "clips" / row["path"]).read_bytes())
+    asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
+                   feature_extractor=processor.feature_extractor, device="cpu")
+    text = asr({"raw": pcm, "sampling_rate": 16000}, generate_kwargs={"max_new_tokens": 40})["text"]
+    assert isinstance(text, str) and text.strip()
+    # the evaluation's path (processor features + generate with the language forced) decodes the same audio
+    features = processor.feature_extractor(pcm, sampling_rate=16000, return_tensors="pt").input_features
+    tokens = model.generate(features, language="fr", task="transcribe", max_new_tokens=40)
+    assert processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+
+
+def test_zero3_on_two_ranks_trains_and_gathers_a_full_final_model(tiny_model, demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET, "deepspeed.zero_stage=3",
+                           "optim.max_steps=30", "checkpoint.every_steps=0", "logging.every_steps=5"))
+    log = read_log(run_dir)
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    final = WhisperForConditionalGeneration.from_pretrained(run_dir / "final")
+    initial = WhisperForConditionalGeneration.from_pretrained(tiny_model)
+    for (name, p), (_, q) in zip(final.state_dict().items(), initial.state_dict().items(), strict=True):
+        assert p.shape == q.shape, name  # gathered, not a ZeRO-3 partition
+    assert any(not torch.equal(p, q) for p, q in zip(final.parameters(), initial.parameters(), strict=True))
+
+
+def test_two_nodes_on_loopback_with_no_ssh_and_node_rank(tiny_model, demo_shards, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    run_dir = tmp_path / "run"
+    port = str(free_port())
+    procs = []
+    for node in (0, 1):
+        cmd = deepspeed_cmd("--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
+                            "127.0.0.1", "--master_port", port, "train_ds.py", "--recipe", "recipes/tiny_demo.yaml",
+                            "--set", *overrides(tiny_model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET,
+                                                "optim.max_steps=12",
+                                                "checkpoint.every_steps=0", "logging.every_steps=4"))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 8  # 2 nodes x 1 rank x 4
+    assert [r["step"] for r in read_log(run_dir)] == [4, 8, 12]
+
+
+def test_uneven_shards_over_several_epochs_end_on_every_rank(tiny_model, demo_shards, tmp_path):
+    """44 clips in 4 shards of unequal size, 2 ranks x 2 workers, batches of 3: epochs end mid-batch at
+    different places on each rank. Every rank must run the same 40 steps and the job must end."""
+    run_dir = tmp_path / "run"
+    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, "optim.max_steps=40",
+                           "eval.test_at_end=false", "data.batch_size_per_gpu=3", "data.num_workers=2", "checkpoint.every_steps=0",
+                           "logging.every_steps=10"), timeout=300)
+    log = read_log(run_dir)
+    assert log[-1]["step"] == 40 and log[-1]["epoch"] >= 4
+
+
+def test_resume_continues_from_the_last_checkpoint(zero2_run, tmp_path):
+    """Drop the final checkpoint, point `latest` at step 30, resume: steps 31..60 are trained again and end
+    where the uninterrupted run ended."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero2_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-60")
+    (run_dir / "checkpoints" / "latest").write_text("step-30")
+    reference = read_log(zero2_run)
+    (run_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference if r["step"] <= 30))
+    used = yaml.safe_load((zero2_run / "recipe.yaml").read_text())
+    proc = run_training(overrides(Path(used["model"]["name_or_path"]), Path(used["data"]["shards"]), run_dir,
+                                  *SMALL_FIXED_SET, "optim.max_steps=60", "checkpoint.every_steps=30", "logging.every_steps=5"),
+                        extra=("--resume",))
+    assert "resumed from step 30" in proc.stdout + proc.stderr
+    resumed = read_log(run_dir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=1e-5)
+
