@@ -252,12 +252,16 @@ def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size:
     try:
         processor = WhisperProcessor.from_pretrained(model_name)
         model = WhisperForConditionalGeneration.from_pretrained(model_name, dtype=dtype, attn_implementation="sdpa")
-    except OSError as e:
-        raise LauncherError(f"--model {model_name}: cannot load a Whisper model and processor ({e})") from None
+    except (OSError, ValueError) as e:  # a missing folder is reported as a malformed hub id (ValueError)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LauncherError(f"--model {model_name}: cannot load a Whisper model and processor ({first})") from None
     if zero_stage:
         import deepspeed
 
+        # ZeRO needs an optimizer to partition for; it is never stepped (lr 0), the engine only holds the weights
+        # as training holds them, so this path is the one periodic evaluation takes.
         config = {"train_micro_batch_size_per_gpu": batch_size, "zero_optimization": {"stage": zero_stage},
+                  "optimizer": {"type": "AdamW", "params": {"lr": 0.0, **({} if on_gpu else {"torch_adam": True})}},
                   "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"}}
         model = deepspeed.initialize(model=model, config=config)[0].module
     model.to(device)

@@ -20,10 +20,13 @@ Environment: DeepSpeed's multi-node runner exports to every node the variables n
 `DS_ENV_FILE`). `launch` writes the HF_*, WANDB_*, NCCL_*, TRANSFORMERS_* and PYTHONPATH variables of the
 current environment there, secrets (HF_TOKEN, WANDB_API_KEY) included, because writing the value into that
 file is how DeepSpeed propagates it: the file gets mode 0600, and only the variable names are ever printed.
+DeepSpeed reads the file only when it starts the nodes itself (pdsh/MPI); with `--no_ssh` it does not, so the
+SLURM script and `per-node --run` load from it the variables a node's environment lacks.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import shlex
@@ -33,10 +36,10 @@ import sys
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from launcher.errors import LauncherError
 
@@ -282,6 +285,12 @@ class EnvFileReport:
                      f"one of \" $ ` \\, a line break or surrounding spaces); set it on every node yourself")
         return text
 
+    def write(self) -> None:
+        """Write the file, unless there is nothing to write and no file to update."""
+        if self.values or self.path.is_file():
+            write_env_file(self.path, self.values)
+            self.written = True
+
     @property
     def has_secret(self) -> bool:
         return any(is_secret(n) for n in self.values)
@@ -346,14 +355,16 @@ def update_env_file(environ: Mapping[str, str], path: Path) -> EnvFileReport:
     Existing entries are kept (a hand-added NCCL_SOCKET_IFNAME, or node 0's HF_TOKEN on a node whose shell lacks
     it); the environment's values win. Delete the file to drop a stale entry.
     """
+    report = plan_env_file(environ, path)
+    report.write()
+    return report
+
+
+def plan_env_file(environ: Mapping[str, str], path: Path) -> EnvFileReport:
+    """What `update_env_file` will write, computed without writing (so a later error leaves no file behind)."""
     existing = read_env_file(path) if path.is_file() else {}
     values, skipped = propagated_env(environ, path.parent)
-    report = EnvFileReport(path, {**existing, **values}, sorted(values), sorted(set(existing) - set(values)),
-                           skipped)
-    if report.values or path.is_file():
-        write_env_file(path, report.values)
-        report.written = True
-    return report
+    return EnvFileReport(path, {**existing, **values}, sorted(values), sorted(set(existing) - set(values)), skipped)
 
 
 def env_with_file(environ: Mapping[str, str], file_values: Mapping[str, str]) -> dict[str, str]:
@@ -427,9 +438,8 @@ def run_command(argv: Sequence[str], env: Mapping[str, str], out: TextIO | None 
     A subprocess rather than exec: the last lines of its output are needed to explain the failure.
     """
     out, err = out or sys.stdout, err or sys.stderr
-    tail: deque[str] = deque(maxlen=400)
-    proc = subprocess.Popen(list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="replace", bufsize=1)
+    tail: deque[str] = deque(maxlen=256)  # the last chunks of output, enough for the final traceback
+    proc = subprocess.Popen(list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, tail), daemon=True),
              threading.Thread(target=_pump, args=(proc.stderr, err, tail), daemon=True)]
     for pump in pumps:
@@ -448,11 +458,14 @@ def run_command(argv: Sequence[str], env: Mapping[str, str], out: TextIO | None 
     return returncode
 
 
-def _pump(source: Iterable[str], sink: TextIO, tail: deque[str]) -> None:
-    for line in source:
-        sink.write(line)
+def _pump(source: BinaryIO, sink: TextIO, tail: deque[str]) -> None:
+    """Copy a child's output as it comes, in chunks (progress bars redraw with \r, not whole lines)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := os.read(source.fileno(), 65536):
+        text = decoder.decode(chunk)
+        sink.write(text)
         sink.flush()
-        tail.append(line)
+        tail.append(text)
 
 
 # --------------------------------------------------------------------------------------------------- planning
@@ -492,14 +505,19 @@ def require_no_ssh_support(flags: set[str] | None) -> None:
                             "--mode slurm need: `pip install -c constraints.txt deepspeed`, or use --mode hostfile")
 
 
-def default_num_gpus() -> int:
-    """GPUs on this machine, at least 1 (DeepSpeed on the CPU with DS_ACCELERATOR=cpu runs one rank)."""
+def cuda_device_count() -> int:
+    """GPUs on this machine; 0 without torch or a working driver (a login node)."""
     try:
         import torch
 
-        return max(torch.cuda.device_count(), 1)
-    except Exception:  # noqa: BLE001 - no torch or a broken driver: one rank is still a valid command
-        return 1
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - any failure here only means "no GPU to count"
+        return 0
+
+
+def default_num_gpus() -> int:
+    """GPUs on this machine, at least 1 (DeepSpeed on the CPU with DS_ACCELERATOR=cpu runs one rank)."""
+    return max(cuda_device_count(), 1)
 
 
 def check_launcher(launcher: str | None) -> None:
@@ -600,12 +618,7 @@ def build_plan(args, train: Sequence[str], env_report: EnvFileReport | None) -> 
 
 
 def _gpus_here_or_fail() -> int:
-    try:
-        import torch
-
-        count = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no torch or no driver on a login node
-        count = 0
+    count = cuda_device_count()
     if count <= 0:
         raise LauncherError("--mode slurm needs --num-gpus G (GPUs per node): this machine has no GPU to count")
     return count
@@ -618,11 +631,11 @@ def launch(args) -> int:
     check_options(args)
     load_recipe(Path(args.recipe), args.overrides)  # a bad recipe or --set fails here, before any node starts
     train = train_args(args.recipe, args.overrides, args.resume, default_train_script())
-    env_report = None
-    if args.mode != "single":
-        env_report = update_env_file(os.environ, env_file_path())
-        print(env_report.describe(), file=sys.stderr)
+    env_report = None if args.mode == "single" else plan_env_file(os.environ, env_file_path())
     plan = build_plan(args, train, env_report)
+    if env_report is not None:
+        env_report.write()
+        print(env_report.describe(), file=sys.stderr)
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
     if plan.script is not None:

@@ -17,6 +17,7 @@ from launcher.errors import LauncherError
 from launcher.launch import (
     env_with_file,
     explain_launch_failure,
+    installed_runner_flags,
     is_propagated,
     parse_hostfile,
     read_env_file,
@@ -164,8 +165,10 @@ def test_per_node_single_rank(tmp_path):
     proc = launch("--recipe", RECIPE, "--mode", "per-node", "--hostfile", TWO_NODES, "--node-rank", "1", cwd=tmp_path)
     [argv] = commands(proc.stdout)
     assert argv[argv.index("--node_rank"):argv.index("--node_rank") + 2] == ["--node_rank", "1"]
-    bad = launch("--recipe", RECIPE, "--mode", "per-node", "--hostfile", TWO_NODES, "--node-rank", "2", cwd=tmp_path)
+    bad = launch("--recipe", RECIPE, "--mode", "per-node", "--hostfile", TWO_NODES, "--node-rank", "2", cwd=tmp_path,
+                 env=clean_env(**SECRETS))
     assert bad.returncode == 2 and "--node-rank 2 is outside 0..1" in bad.stderr
+    assert not (tmp_path / ".deepspeed_env").exists()  # a refused launch leaves no secrets on disk
 
 
 @pytest.mark.parametrize("args, message", [
@@ -298,6 +301,13 @@ def test_nothing_to_propagate_writes_nothing(tmp_path):
 def test_env_with_file_fills_only_what_is_missing():
     assert env_with_file({"HF_HOME": "/here"}, {"HF_HOME": "/there", "HF_TOKEN": "t"}) == \
         {"HF_HOME": "/here", "HF_TOKEN": "t"}
+
+
+def test_installed_deepspeed_runner_has_the_flags_the_commands_use():
+    flags = installed_runner_flags()
+    assert flags is not None, "DeepSpeed is a dependency of this project"
+    assert {"--no_ssh", "--node_rank", "--master_addr", "--master_port", "--hostfile", "--num_gpus", "--launcher",
+            "--log_level"} <= flags
 
 
 # ------------------------------------------------------------------------------------------------------- --run

@@ -103,8 +103,8 @@ def test_uneven_shards_over_several_epochs_end_on_every_rank(tiny_model, demo_sh
     different places on each rank. Every rank must run the same 40 steps and the job must end."""
     run_dir = tmp_path / "run"
     run_training(overrides(tiny_model, demo_shards["shards"], run_dir, "optim.max_steps=40",
-                           "eval.test_at_end=false", "data.batch_size_per_gpu=3", "data.num_workers=2", "checkpoint.every_steps=0",
-                           "logging.every_steps=10"), timeout=300)
+                           "eval.test_at_end=false", "data.batch_size_per_gpu=3", "data.num_workers=2",
+                           "checkpoint.every_steps=0", "logging.every_steps=10"), timeout=300)
     log = read_log(run_dir)
     assert log[-1]["step"] == 40 and log[-1]["epoch"] >= 4
 
@@ -120,7 +120,8 @@ def test_resume_continues_from_the_last_checkpoint(zero2_run, tmp_path):
     (run_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference if r["step"] <= 30))
     used = yaml.safe_load((zero2_run / "recipe.yaml").read_text())
     proc = run_training(overrides(Path(used["model"]["name_or_path"]), Path(used["data"]["shards"]), run_dir,
-                                  *SMALL_FIXED_SET, "optim.max_steps=60", "checkpoint.every_steps=30", "logging.every_steps=5"),
+                                  *SMALL_FIXED_SET, "optim.max_steps=60", "checkpoint.every_steps=30",
+                                  "logging.every_steps=5"),
                         extra=("--resume",))
     assert "resumed from step 30" in proc.stdout + proc.stderr
     resumed = read_log(run_dir)
