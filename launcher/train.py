@@ -237,7 +237,9 @@ class PeriodicEval:
             self.logger.print(f"step {step}: {r['split']} WER {r['wer']:.2f}% (orthographic "
                               f"{r['wer_orthographic']:.2f}%, CER {r['cer']:.2f}%) on {r['scored']} clips")
         wer, tag = reports[0]["wer"], f"step-{step}"
-        best = sorted([*loop["best"], [wer, tag]])[: self.recipe.checkpoint.keep_best]
+        # lowest WER first; on a tie the later (longer trained) checkpoint wins
+        best = sorted([*loop["best"], [wer, tag]], key=lambda b: (b[0], -int(b[1].split("-")[1])))
+        best = best[: self.recipe.checkpoint.keep_best]
         if [wer, tag] in best and best[0] == [wer, tag]:
             export_hf(self.engine, self.run_dir / "best", self.processor, self._generation())
         loop["best"] = best

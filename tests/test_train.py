@@ -128,3 +128,33 @@ def test_resume_continues_from_the_last_checkpoint(zero2_run, tmp_path):
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
     np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=1e-5)
 
+
+
+def test_periodic_eval_under_zero3_keeps_the_best_by_wer_and_cards_the_final_model(tiny_model, demo_shards,
+                                                                                    tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET, "deepspeed.zero_stage=3",
+                           "optim.max_steps=24", "eval.every_steps=8", "eval.splits=[validation]",
+                           "checkpoint.every_steps=0", "checkpoint.keep_last=1", "checkpoint.keep_best=1",
+                           "logging.every_steps=8"))
+    reports = {step: json.loads((run_dir / "eval" / f"validation-step-{step}.json").read_text())
+               for step in (8, 16, 24)}
+    assert all(r["samples"] == 8 and r["world_size"] == 2 for r in reports.values())
+    best_step = min(reports, key=lambda s: (reports[s]["wer"], -s))
+    kept = {p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()}
+    assert kept == {"step-24", f"step-{best_step}"}, "the last checkpoint plus the best by WER"
+    loop = json.loads((run_dir / "checkpoints" / "step-24" / "loop.json").read_text())
+    assert loop["best"] == [[reports[best_step]["wer"], f"step-{best_step}"]]
+    assert (run_dir / "best" / "model.safetensors").is_file()
+    test = json.loads((run_dir / "eval" / f"test-step-{best_step}.json").read_text())
+    card = (run_dir / "final" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    result = front["model-index"][0]["results"][0]
+    assert result["task"]["type"] == "automatic-speech-recognition"
+    assert result["dataset"]["split"] == "test" and result["dataset"]["config"] == "fr"
+    assert result["metrics"][0] == {"type": "wer", "value": round(test["wer"], 2), "name": "Wer"}
+    assert f"step-{best_step}" in card
+    # the delivered model is the best one: its weights equal best/
+    final = WhisperForConditionalGeneration.from_pretrained(run_dir / "final").state_dict()
+    best = WhisperForConditionalGeneration.from_pretrained(run_dir / "best").state_dict()
+    assert all(torch.equal(final[k], best[k]) for k in final)
