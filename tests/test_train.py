@@ -24,7 +24,9 @@ SMALL_FIXED_SET = ("data.train_split=validation", "eval.max_new_tokens=20")
 
 
 def overrides(tiny_model: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"model.name_or_path={tiny_model}", f"data.shards={shards}", f"output_dir={run_dir}", *extra]
+    """Paths for this test, no periodic evaluation unless `extra` asks for it (later --set values win)."""
+    return [f"model.name_or_path={tiny_model}", f"data.shards={shards}", f"output_dir={run_dir}",
+            "eval.every_steps=0", "checkpoint.keep_best=0", "checkpoint.keep_last=2", *extra]
 
 
 @pytest.fixture(scope="module")
