@@ -1,31 +1,82 @@
-"""Checkpoints of a run (DeepSpeed engine state + the loop's own state) and the Hugging Face export.
+"""Checkpoints of a run, complete or absent, and the Hugging Face export.
 
-runs/<name>/checkpoints/step-N/   DeepSpeed's files (model, optimizer, scheduler, per-rank ZeRO partitions)
-                                  plus loop.json (step, batches consumed, best WER so far, ...)
-runs/<name>/checkpoints/latest    the tag to resume from (written by DeepSpeed after a complete save)
-runs/<name>/final/, best/         Hugging Face folders: from_pretrained + WhisperProcessor + pipeline
+runs/<name>/checkpoints/step-N/   DeepSpeed's files (model, optimizer, scheduler, ZeRO partitions of every rank),
+                                  rank-R.pt (each rank's RNG states and loader position), loop.json (step,
+                                  batches consumed, best WER so far, logger run id, world size), recipe.yaml
+runs/<name>/checkpoints/latest    the tag to resume from
+
+Atomicity: every rank writes into step-N.tmp/, all ranks meet, rank 0 renames the folder to step-N/ and only
+then replaces `latest` (write + rename). A crash at any point leaves either the previous checkpoint as latest
+or the new one complete; a left-over step-N.tmp/ is never read and is removed by the next save. Checkpoints
+live on a file system every rank sees (the usual shared run folder).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 from launcher.errors import LauncherError
 
 LOOP_STATE = "loop.json"
+LATEST = "latest"
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, loop_state: dict, keep_last: int, keep: set[str]) -> Path:
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """This process's random states (torch CPU and GPU, NumPy, Python), as tensors and plain values only, so
+    they load with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       cached], "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, loop_state: dict, rank_state: dict, *, keep_last: int,
+                    keep: set[str], recipe_text: str) -> Path:
     """Collective: every rank calls it. Prunes to the newest `keep_last` plus the tags in `keep` (best by WER)."""
     folder = Path(run_dir) / "checkpoints"
-    tag = f"step-{step}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state={"loop": loop_state})
-    if dist.get_rank() == 0:
-        (folder / tag / LOOP_STATE).write_text(json.dumps(loop_state, indent=2))
+    rank = dist.get_rank()
+    tag, tmp_tag = f"step-{step}", f"step-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(folder / tmp_tag, ignore_errors=True)  # the remains of a save that crashed
+    dist.barrier()
+    engine.save_checkpoint(str(folder), tag=tmp_tag, client_state={"loop": loop_state}, save_latest=False)
+    torch.save(rank_state, folder / tmp_tag / f"rank-{rank}.pt")
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        _write_atomic(folder / tmp_tag / LOOP_STATE, json.dumps(loop_state, indent=2))
+        _write_atomic(folder / tmp_tag / "recipe.yaml", recipe_text)
+        shutil.rmtree(folder / tag, ignore_errors=True)  # the same step saved again after a resume
+        os.rename(folder / tmp_tag, folder / tag)
+        _write_atomic(folder / LATEST, tag)
         steps = sorted((p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
                        key=lambda p: int(p.name[5:]))
         for old in steps[:-keep_last]:
@@ -35,18 +86,26 @@ def save_checkpoint(engine, run_dir: Path, step: int, loop_state: dict, keep_las
     return folder / tag
 
 
-def resume_checkpoint(engine, run_dir: Path) -> dict:
-    """Load the latest checkpoint into the engine; returns the loop state saved with it."""
+def resume_checkpoint(engine, run_dir: Path) -> tuple[dict, dict]:
+    """Load the checkpoint `latest` names into the engine; returns its loop state and this rank's own state."""
     folder = Path(run_dir) / "checkpoints"
-    if not (folder / "latest").is_file():
-        raise LauncherError(f"--resume: no checkpoint in {folder} (no 'latest' file); start without --resume")
-    path, client = engine.load_checkpoint(str(folder), load_module_strict=True)
+    if not (folder / LATEST).is_file():
+        raise LauncherError(f"--resume: no checkpoint in {folder} (no '{LATEST}' file); start without --resume")
+    tag = (folder / LATEST).read_text().strip()
+    if not (folder / tag / LOOP_STATE).is_file():
+        raise LauncherError(f"--resume: {folder / tag} is incomplete (no {LOOP_STATE})")
+    loop = json.loads((folder / tag / LOOP_STATE).read_text())
+    if loop.get("world_size") != dist.get_world_size():
+        raise LauncherError(f"--resume: {folder / tag} was written by {loop.get('world_size')} ranks and this job "
+                            f"has {dist.get_world_size()}; resuming on another number of ranks is not supported yet "
+                            "(the data position would repeat or skip samples). Resume with the same number of GPUs.")
+    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=True)
     if path is None:
-        raise LauncherError(f"--resume: DeepSpeed could not load the checkpoint named in {folder / 'latest'}")
-    return client["loop"]
+        raise LauncherError(f"--resume: DeepSpeed could not load {folder / tag}")
+    return loop, torch.load(folder / tag / f"rank-{dist.get_rank()}.pt", weights_only=True)
 
 
-def export_hf(engine, out: Path, processor, generation: dict) -> Path | None:
+def export_hf(engine, out: Path, processor, generation: dict) -> Path:
     """Collective: write a Hugging Face folder (weights gathered from every rank under ZeRO-3) on rank 0."""
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective; the full state on rank 0 only

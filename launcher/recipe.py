@@ -56,6 +56,10 @@ class DataSection(Section):
     target_text: Literal["as_is", "normalized"] = Field(
         "as_is", description="as_is: the source sentence; normalized: lower-case, punctuation removed "
                              "(word-internal apostrophes and hyphens kept)")
+    verify_shards: bool = Field(True, description="check each shard's sha256 against index.json before reading it")
+    on_bad_data: Literal["skip", "stop"] = Field(
+        "skip", description="a shard failing its sha256, a truncated tar or an unreadable sample: skip it (named "
+                            "in the log, counted) or stop the run")
 
 
 class OptimSection(Section):
@@ -68,6 +72,8 @@ class OptimSection(Section):
     grad_accum: PositiveInt = 1
     betas: tuple[Probability, Probability] = (0.9, 0.999)
     eps: Annotated[float, Field(gt=0.0)] = 1e-8
+    max_consecutive_nonfinite: PositiveInt = Field(
+        3, description="a non-finite loss on any rank skips that step on every rank; this many in a row stop the run")
 
 
 class DeepSpeedSection(Section):
@@ -75,6 +81,8 @@ class DeepSpeedSection(Section):
     offload_optimizer: bool = False
     offload_params: bool = False
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    timeout_minutes: Annotated[float, Field(gt=0.0)] = Field(
+        30.0, description="process-group timeout: a hung or dead rank ends the job after this long")
 
 
 class EvalSection(Section):
@@ -98,6 +106,7 @@ class LoggingSection(Section):
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str | None = None
+    sample_ids: bool = Field(False, description="write the ids of every trained sample to samples/rank-R.jsonl")
 
 
 class Recipe(Section):

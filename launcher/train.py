@@ -11,8 +11,10 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,10 +49,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        train(recipe, resume=args.resume)
-    except LauncherError as e:
-        print(f"error (rank {os.environ.get('RANK', 0)}): {e}", file=sys.stderr)
-        return 2
+        train(recipe, resume=args.resume)  # stopped on request (SIGTERM) or finished: both exit 0
+    except BaseException as e:  # noqa: BLE001 - a failing rank must die now, not hang in exit handlers
+        if isinstance(e, LauncherError):
+            print(f"error (rank {os.environ.get('RANK', 0)}): {e}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Python's normal exit would join loader workers, flush writers and tear down the process group while
+        # other ranks wait in a collective for this one: leave at once, and DeepSpeed's launcher stops the rest.
+        os._exit(2 if isinstance(e, LauncherError) else 1)
     return 0
 
 
@@ -104,18 +113,57 @@ def build_model(recipe: Recipe):
     return model, processor
 
 
-def train(recipe: Recipe, resume: bool = False) -> None:
+class StopRequest:
+    """SIGTERM (SLURM preemption, spot reclaim) or SIGINT sets a flag; the loop checks it on every rank at each
+    step boundary (one all-reduce), so all ranks agree on the step at which they save and leave."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records after `step`: they were logged after the checkpoint being resumed and will be redone."""
+    if path.is_file():
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError):  # a line torn by the kill
+                continue
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def train(recipe: Recipe, resume: bool = False) -> bool:
+    """Run the recipe on every rank. Returns False when it stopped early on request (a checkpoint is saved)."""
     import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from launcher.checkpoint import resume_checkpoint, save_checkpoint
+    from launcher.checkpoint import resume_checkpoint, rng_state, save_checkpoint, set_rng_state
     from launcher.data import ShardStream, Targets, split_shards, train_loader
     from launcher.runlog import RunLogger
 
+    stop = StopRequest()
     on_gpu = _on_gpu()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=30))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                               timeout=timedelta(minutes=recipe.deepspeed.timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     accelerator = get_accelerator()
     if on_gpu:
@@ -125,9 +173,10 @@ def train(recipe: Recipe, resume: bool = False) -> None:
 
     run_dir = Path(recipe.output_dir)
     ds_config = deepspeed_config(recipe, world, on_gpu=on_gpu)
+    recipe_text = recipe_yaml(recipe)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe), encoding="utf-8")
+        (run_dir / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
     dist.barrier()
 
@@ -136,16 +185,27 @@ def train(recipe: Recipe, resume: bool = False) -> None:
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.deepspeed.precision]
 
-    loop = {"step": 0, "batches": 0, "best": [], "wandb_id": None}
+    loop = {"step": 0, "batches": 0, "best": [], "wandb_id": None, "world_size": world, "nonfinite_in_row": 0}
+    samples_log = run_dir / "samples" / f"rank-{rank}.jsonl" if recipe.logging.sample_ids else None
     if resume:
-        loop = resume_checkpoint(engine, run_dir)
+        loop, own_state = resume_checkpoint(engine, run_dir)
+        set_rng_state(own_state["rng"])
+        if rank == 0:
+            _truncate_jsonl(run_dir / "train_log.jsonl", loop["step"])
+        if samples_log:
+            _truncate_jsonl(samples_log, loop["step"])
     targets = Targets(processor.tokenizer, recipe.model.language, recipe.model.task,
                       normalize=recipe.data.target_text == "normalized")
     stream = ShardStream(split_shards(recipe.data.shards, recipe.data.train_split), targets, rank=rank,
                          world_size=world, seed=recipe.seed, shuffle=recipe.data.shuffle,
                          shuffle_buffer=recipe.data.shuffle_buffer, batch_size=recipe.data.batch_size_per_gpu,
-                         skip_batches=loop["batches"])
+                         skip_batches=loop["batches"], verify=recipe.data.verify_shards,
+                         on_bad_data=recipe.data.on_bad_data)
     batches = iter(train_loader(stream, recipe.data.num_workers, pin_memory=on_gpu))
+    if samples_log:
+        samples_log.parent.mkdir(parents=True, exist_ok=True)
+        # line-buffered: every step's ids are on disk before the next step, whatever kills the process
+        samples_out = open(samples_log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed at the end
 
     o, lg, ck = recipe.optim, recipe.logging, recipe.checkpoint
     logger = RunLogger(run_dir, enabled=rank == 0, max_steps=o.max_steps, start_step=loop["step"],
@@ -155,42 +215,96 @@ def train(recipe: Recipe, resume: bool = False) -> None:
     if resume:
         logger.print(f"resumed from step {loop['step']} ({run_dir / 'checkpoints'})")
     evaluator = PeriodicEval(recipe, engine, processor, device, dtype, logger)
+
+    def save(step: int) -> None:
+        rank_state = {"rng": rng_state(), "loader": stream.position(loop["batches"], recipe.data.num_workers)}
+        save_checkpoint(engine, run_dir, step, loop, rank_state, keep_last=ck.keep_last,
+                        keep={tag for _, tag in loop["best"]}, recipe_text=recipe_text)
+
     window = {"loss": torch.zeros((), device=device), "micro": 0, "samples": 0, "tokens": 0, "dropped": 0,
-              "t": time.perf_counter()}
-    epoch = 0
+              "bad": 0, "skipped": 0, "t": time.perf_counter()}
+    epoch, finished = 0, True
     for step in range(loop["step"] + 1, o.max_steps + 1):
         engine.train()
+        nonfinite_ids: list[str] = []  # this rank's samples in a micro-batch whose loss was not finite
+        skipped = False
         for _ in range(o.grad_accum):
             batch = next(batches)
             features = batch["input_features"].to(device, dtype, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             loss = engine(input_features=features, labels=labels).loss
-            engine.backward(loss)
-            engine.step()
-            window["loss"] += loss.detach().float()
-            window["micro"] += 1
+            finite = torch.isfinite(loss.detach()).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one rank's NaN skips the step everywhere
+            if finite.item():
+                engine.backward(loss)
+                engine.step()
+                window["loss"] += loss.detach().float()
+                window["micro"] += 1
+            else:
+                skipped = True
+                nonfinite_ids += batch["ids"] if not torch.isfinite(loss.detach()) else []
+                if o.grad_accum > 1:
+                    engine.step()  # keeps DeepSpeed's accumulation count; this micro-batch adds no gradient
             window["samples"] += len(batch["ids"])
             window["tokens"] += int((batch["labels"] != -100).sum())
             window["dropped"] += batch["dropped_long"]
+            window["bad"] += batch["bad_data"]
             epoch = max(epoch, batch["epoch"])
+            if samples_log:
+                samples_out.write(json.dumps({"step": step, "ids": batch["ids"], "epochs": batch["epochs"]}) + "\n")
         loop.update(step=step, batches=loop["batches"] + o.grad_accum)
+        _handle_nonfinite(step, skipped, nonfinite_ids, loop, window, logger, o.max_consecutive_nonfinite)
         if step % lg.every_steps == 0 or step == o.max_steps:
             stats = torch.tensor([float(window["loss"]), window["micro"], window["samples"], window["tokens"],
-                                  window["dropped"]], dtype=torch.float64, device=device)
+                                  window["dropped"], window["bad"]], dtype=torch.float64, device=device)
             dist.all_reduce(stats)
             elapsed = time.perf_counter() - window["t"]
-            logger.log({"step": step, "loss": float(stats[0] / stats[1]), "lr": float(scheduler.get_last_lr()[0]),
+            logger.log({"step": step, "loss": float(stats[0] / max(stats[1], 1)),
+                        "lr": float(scheduler.get_last_lr()[0]),
                         "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                         "samples_per_s": float(stats[2]) / elapsed, "tokens_per_s": float(stats[3]) / elapsed,
-                        "epoch": epoch, "dropped_long_labels": int(stats[4])})
-            window.update(loss=torch.zeros((), device=device), micro=0, samples=0, tokens=0, dropped=0)
+                        "epoch": epoch, "dropped_long_labels": int(stats[4]), "skipped_bad_samples": int(stats[5]),
+                        "skipped_nonfinite_steps": window["skipped"]})
+            window.update(loss=torch.zeros((), device=device), micro=0, samples=0, tokens=0, dropped=0, bad=0,
+                          skipped=0)
         evaluated = evaluator.due(step) and evaluator.run(step, loop)
-        if evaluated or step == o.max_steps or (ck.every_steps and step % ck.every_steps == 0):
-            save_checkpoint(engine, run_dir, step, loop, ck.keep_last, keep={tag for _, tag in loop["best"]})
+        saved = evaluated or step == o.max_steps or bool(ck.every_steps and step % ck.every_steps == 0)
+        if saved:
+            save(step)
+        if stop.agreed(device):
+            if not saved:
+                save(step)
+            logger.print(f"stopped on request at step {step}: checkpoint saved, continue with --resume")
+            finished = False
+            break
         window["t"] = time.perf_counter()  # evaluation and saving are not training throughput
-    evaluator.finish(loop)
+    if samples_log:
+        samples_out.close()
+    if finished:
+        evaluator.finish(loop)
     logger.close()
     dist.barrier()
+    return finished
+
+
+def _handle_nonfinite(step: int, skipped: bool, ids: list[str], loop: dict, window: dict, logger, limit: int) -> None:
+    """Count steps skipped for a non-finite loss (`skipped` is the same on every rank), name their samples
+    (gathered from every rank) and stop after `limit` in a row."""
+    import torch.distributed as dist
+
+    if not skipped:
+        loop["nonfinite_in_row"] = 0
+        return
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, ids)
+    names = [i for part in gathered for i in part]
+    loop["nonfinite_in_row"] = loop.get("nonfinite_in_row", 0) + 1
+    window["skipped"] += 1
+    logger.print(f"step {step}: non-finite loss, step skipped on every rank; samples: {', '.join(names)}")
+    if loop["nonfinite_in_row"] >= limit:
+        raise LauncherError(f"{limit} steps in a row had a non-finite loss (last at step {step}, samples: "
+                            f"{', '.join(names)}); check these samples and the learning rate "
+                            f"(optim.max_consecutive_nonfinite={limit})")
 
 
 class PeriodicEval:

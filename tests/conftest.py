@@ -135,12 +135,17 @@ def deepspeed_cmd(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "deepspeed"), *args]
 
 
-def run_training(recipe_overrides: list[str], *, ranks: int = 2, extra: tuple[str, ...] = (), timeout: int = 600,
-                 check: bool = True) -> subprocess.CompletedProcess:
+def training_cmd(recipe_overrides: list[str], ranks: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
     """`deepspeed --num_gpus RANKS train_ds.py --recipe recipes/tiny_demo.yaml --set ...` on the CPU."""
-    cmd = deepspeed_cmd("--num_gpus", str(ranks), "--master_port", str(free_port()), "train_ds.py",
-                        "--recipe", "recipes/tiny_demo.yaml", *extra, "--set", *recipe_overrides)
-    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    return deepspeed_cmd("--num_gpus", str(ranks), "--master_port", str(free_port()), "train_ds.py",
+                         "--recipe", "recipes/tiny_demo.yaml", *extra, "--set", *recipe_overrides)
+
+
+def run_training(recipe_overrides: list[str], *, ranks: int = 2, extra: tuple[str, ...] = (), timeout: int = 600,
+                 check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = training_cmd(recipe_overrides, ranks, extra)
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc

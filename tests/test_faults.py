@@ -1,0 +1,249 @@
+"""Faults injected into real 2-rank CPU training: SIGKILL and exact resume, SIGTERM preemption, non-finite losses,
+corrupt shards, and planted secrets. Each test checks one promise of the checkpoint and data contracts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from launcher.index import sha256_file
+from tests.conftest import REPO, cpu_env, read_log, run_training, training_cmd
+
+pytestmark = pytest.mark.slow
+HF_SECRET, WANDB_SECRET = "hf_PLANTEDsecret0123456789", "wandbPLANTEDsecret9876543210"
+
+
+def overrides(tiny_model: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"model.name_or_path={tiny_model}", f"data.shards={shards}", f"output_dir={run_dir}",
+            "eval.every_steps=0", "eval.test_at_end=false", "checkpoint.keep_best=0", "logging.every_steps=1",
+            *extra]
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    log = run_dir / "train_log.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before step {step}")
+        if log.is_file() and any(json.loads(x)["step"] >= step for x in log.read_text().splitlines() if x.strip()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{local rank: pid} of the training processes under a DeepSpeed launcher."""
+    out = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        cmd = " ".join(child.cmdline())
+        parent_is_rank = "--local_rank=" in " ".join(child.parent().cmdline())  # a loader worker: same cmdline
+        if "train_ds.py" in cmd and "--local_rank=" in cmd and not parent_is_rank:
+            out[int(cmd.split("--local_rank=")[1].split()[0])] = child.pid
+    return out
+
+
+EXACT = ("optim.max_steps=24", "checkpoint.every_steps=5", "checkpoint.keep_last=2", "data.num_workers=2",
+         "logging.sample_ids=true")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model, demo_shards, tmp_path_factory):
+    """An uninterrupted run, with HF and W&B tokens planted in its environment."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    proc = run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT),
+                        env={"HF_TOKEN": HF_SECRET, "WANDB_API_KEY": WANDB_SECRET})
+    return run_dir, proc.stdout + proc.stderr
+
+
+def samples_by_step(run_dir: Path) -> dict[int, dict[int, list]]:
+    out: dict[int, dict[int, list]] = {}
+    for rank_file in sorted((run_dir / "samples").glob("rank-*.jsonl")):
+        rank = int(rank_file.stem.split("-")[1])
+        for line in rank_file.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rank, {}).setdefault(rec["step"], []).append(list(zip(rec["ids"], rec["epochs"],
+                                                                                  strict=True)))
+    return out
+
+
+def test_resume_after_sigkill_matches_uninterrupted_losses_and_sees_each_sample_once_per_epoch(
+        reference_run, tiny_model, demo_shards, tmp_path):
+    reference, _ = reference_run
+    run_dir = tmp_path / "run"
+    args = overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT)
+    proc = subprocess.Popen(training_cmd(args), cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_step(run_dir, 13, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, both ranks and their loader workers, mid-step
+    proc.wait()
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert latest in ("step-10", "step-15", "step-20") and read_log(run_dir)[-1]["step"] < 24, "killed mid-run"
+    run_training(args, extra=("--resume",))
+
+    ref_log, log = read_log(reference), read_log(run_dir)
+    assert [r["step"] for r in log] == list(range(1, 25))
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref_log], "bitwise equal losses after the resume"
+    assert [r["grad_norm"] for r in log] == [r["grad_norm"] for r in ref_log]
+    assert samples_by_step(run_dir) == samples_by_step(reference)
+    # every training sample exactly once per epoch, over both ranks (epochs complete within 24 steps)
+    seen = [s for rank in samples_by_step(run_dir).values() for batches in rank.values() for b in batches
+            for s in b]
+    n_train = json.loads((demo_shards["shards"] / "index.json").read_text())["splits"]["train"]["samples"]
+    per_epoch = Counter(epoch for _, epoch in seen)
+    complete = [e for e in per_epoch if per_epoch[e] == n_train]
+    assert len(complete) >= 3
+    for epoch in complete:
+        ids = Counter(i for i, e in seen if e == epoch)
+        assert len(ids) == n_train and set(ids.values()) == {1}, f"epoch {epoch}"
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_no_planted_token_reaches_logs_run_folders_or_output(reference_run):
+    run_dir, output = reference_run
+    assert HF_SECRET not in output and WANDB_SECRET not in output
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert HF_SECRET.encode() not in data and WANDB_SECRET.encode() not in data, path
+
+
+def test_a_checkpoint_is_complete_or_absent(reference_run):
+    """Each kept checkpoint has every rank's files; `latest` names a complete one; no .tmp is left behind."""
+    run_dir, _ = reference_run
+    folder = run_dir / "checkpoints"
+    assert (folder / "latest").read_text() == "step-24"
+    for ckpt in (p for p in folder.iterdir() if p.is_dir()):
+        assert not ckpt.name.endswith(".tmp")
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"loop.json", "recipe.yaml", "rank-0.pt", "rank-1.pt"} <= names, ckpt
+        assert any(n.startswith("zero_pp_rank_1") for n in names) and any("model_states" in n for n in names)
+        loop = json.loads((ckpt / "loop.json").read_text())
+        assert loop["world_size"] == 2 and loop["step"] == int(ckpt.name[5:])
+
+
+@pytest.mark.parametrize("during_eval", [False, True], ids=["between-steps", "during-evaluation"])
+def test_sigterm_on_one_rank_saves_at_the_next_step_on_all_ranks_and_exits_0(tiny_model, demo_shards, tmp_path,
+                                                                             during_eval):
+    run_dir = tmp_path / "run"
+    evaluation = ("eval.every_steps=6", "eval.splits=[validation]", "eval.max_new_tokens=64") if during_eval else ()
+    args = overrides(tiny_model, demo_shards["shards"], run_dir, "optim.max_steps=60", "checkpoint.every_steps=0",
+                     *evaluation)
+    proc = subprocess.Popen(training_cmd(args), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run_dir, 6, proc)
+    ranks = rank_pids(proc.pid)
+    os.kill(ranks[0 if during_eval else 1], signal.SIGTERM)  # rank 0 is the one evaluating right after step 6
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    stopped = int(latest.split("-")[1])
+    assert 6 <= stopped < 60 and f"stopped on request at step {stopped}" in output
+    assert {"rank-0.pt", "rank-1.pt", "loop.json"} <= {p.name for p in (run_dir / "checkpoints" / latest).iterdir()}
+    if during_eval:
+        assert (run_dir / "eval" / "validation-step-6.json").is_file(), "the evaluation under way completes"
+    run_training(args, extra=("--resume",))
+    assert [r["step"] for r in read_log(run_dir)] == list(range(1, 61))
+
+
+def rewrite_split(src: Path, dst: Path, split: str, change) -> Path:
+    """Copy shards, applying change(key, mel) -> mel to every sample of `split`; index.json stays truthful."""
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "index.json").read_text())
+    for shard in index["splits"][split]["shards"]:
+        path = dst / shard["path"]
+        with tarfile.open(path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar]
+        with tarfile.open(path, "w") as tar:
+            for m, data in members:
+                if m.name.endswith(".mel.npy"):
+                    mel = change(m.name.split(".")[0], np.load(io.BytesIO(data), allow_pickle=False))
+                    buf = io.BytesIO()
+                    np.save(buf, mel, allow_pickle=False)
+                    data = buf.getvalue()
+                m.size = len(data)
+                tar.addfile(m, io.BytesIO(data))
+        shard.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (dst / "index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_nonfinite_loss_skips_the_step_on_every_rank_and_names_the_samples(tiny_model, demo_shards, tmp_path):
+    poisoned = {"common_voice_fr_1000010", "common_voice_fr_1000033"}
+    shards = rewrite_split(demo_shards["shards"], tmp_path / "shards", "train",
+                           lambda key, mel: np.full_like(mel, np.nan) if key in poisoned else mel)
+    run_dir = tmp_path / "run"
+    proc = run_training(overrides(tiny_model, shards, run_dir, "optim.max_steps=12", "checkpoint.every_steps=0"))
+    log = read_log(run_dir)
+    skipped = [r for r in log if r["skipped_nonfinite_steps"]]
+    assert skipped and all(np.isfinite(r["grad_norm"]) for r in log)
+    assert all(np.isfinite(r["loss"]) for r in log if r["skipped_nonfinite_steps"] == 0)
+    output = proc.stdout + proc.stderr
+    assert "non-finite loss, step skipped on every rank" in output
+    assert any(p in output for p in poisoned)
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_with_a_clear_message(tiny_model, demo_shards, tmp_path):
+    shards = rewrite_split(demo_shards["shards"], tmp_path / "shards", "validation",
+                           lambda key, mel: np.full_like(mel, np.inf))
+    proc = run_training(overrides(tiny_model, shards, tmp_path / "run", "data.train_split=validation",
+                                  "optim.max_steps=20", "checkpoint.every_steps=0",
+                                  "optim.max_consecutive_nonfinite=2"), check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "2 steps in a row had a non-finite loss" in proc.stdout + proc.stderr
+
+
+def corrupt(shards: Path, split: str, n: int, how: str) -> str:
+    path = shards / f"{split}/{split}-{n:06d}.tar"
+    data = path.read_bytes()
+    if how == "flip":
+        path.write_bytes(data[:5000] + bytes([data[5000] ^ 0xFF]) + data[5001:])
+    else:
+        path.write_bytes(data[: len(data) // 2])
+    return path.name
+
+
+@pytest.mark.parametrize("how, verify", [("flip", "true"), ("truncate", "false")])
+def test_a_bad_shard_is_named_and_skipped(tiny_model, demo_shards, tmp_path, how, verify):
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards["shards"], shards)
+    name = corrupt(shards, "train", 1, how)
+    run_dir = tmp_path / "run"
+    proc = run_training(overrides(tiny_model, shards, run_dir, "optim.max_steps=12", "checkpoint.every_steps=0",
+                                  f"data.verify_shards={verify}"), timeout=300)
+    assert name in proc.stdout + proc.stderr
+    assert sum(r["skipped_bad_samples"] for r in read_log(run_dir)) > 0
+    assert read_log(run_dir)[-1]["step"] == 12
+
+
+def test_a_bad_shard_stops_the_run_when_the_recipe_says_so_without_hanging_a_rank(tiny_model, demo_shards,
+                                                                                  tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards["shards"], shards)
+    name = corrupt(shards, "train", 0, "flip")
+    proc = run_training(overrides(tiny_model, shards, tmp_path / "run", "optim.max_steps=12",
+                                  "checkpoint.every_steps=0", "data.on_bad_data=stop",
+                                  "deepspeed.timeout_minutes=1"), check=False, timeout=240)
+    assert proc.returncode != 0
+    assert f"{name} does not match its sha256" in proc.stdout + proc.stderr
+
+
+def test_resuming_on_another_number_of_ranks_is_refused_clearly(reference_run, tiny_model, demo_shards, tmp_path):
+    reference, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    proc = run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT), ranks=1, extra=("--resume",),
+                        check=False, timeout=240)
+    assert proc.returncode != 0
+    assert "written by 2 ranks and this job has 1" in proc.stdout + proc.stderr
