@@ -138,7 +138,7 @@ def test_sigterm_on_one_rank_saves_at_the_next_step_on_all_ranks_and_exits_0(tin
                                                                              during_eval):
     run_dir = tmp_path / "run"
     evaluation = ("eval.every_steps=6", "eval.splits=[validation]", "eval.max_new_tokens=64") if during_eval else ()
-    args = overrides(tiny_model, demo_shards["shards"], run_dir, "optim.max_steps=60", "checkpoint.every_steps=0",
+    args = overrides(tiny_model, demo_shards["shards"], run_dir, "optim.max_steps=24", "checkpoint.every_steps=0",
                      *evaluation)
     proc = subprocess.Popen(training_cmd(args), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -149,12 +149,12 @@ def test_sigterm_on_one_rank_saves_at_the_next_step_on_all_ranks_and_exits_0(tin
     assert proc.returncode == 0, output[-3000:]
     latest = (run_dir / "checkpoints" / "latest").read_text()
     stopped = int(latest.split("-")[1])
-    assert 6 <= stopped < 60 and f"stopped on request at step {stopped}" in output
+    assert 6 <= stopped < 24 and f"stopped on request at step {stopped}" in output
     assert {"rank-0.pt", "rank-1.pt", "loop.json"} <= {p.name for p in (run_dir / "checkpoints" / latest).iterdir()}
     if during_eval:
         assert (run_dir / "eval" / "validation-step-6.json").is_file(), "the evaluation under way completes"
     run_training(args, extra=("--resume",))
-    assert [r["step"] for r in read_log(run_dir)] == list(range(1, 61))
+    assert [r["step"] for r in read_log(run_dir)] == list(range(1, 25))
 
 
 def rewrite_split(src: Path, dst: Path, split: str, change) -> Path:

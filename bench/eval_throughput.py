@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Evaluation speed: this project's `launcher.evaluate.evaluate` on shards against the batched transformers ASR
+pipeline on the same clips' raw audio, same model, same greedy decoding, in one run.
+
+This project: `evaluate(model, tokenizer, shards, split, DecodeSettings(...))` on one process, the whole function
+timed: scanning the shards, reading the precomputed (unpadded float16) log-mel, padding, batched `generate` with
+the longest clips first, and WER scoring.
+The baseline (the event's evaluation script): `pipeline("automatic-speech-recognition", model, batch_size=N)` over
+the clips' 16 kHz audio, decoded beforehand with `launcher.audio.decode` (not timed on either side), the
+pipeline's `WhisperFeatureExtractor` computing the features inside the timed call, in dataset order, transcripts
+only (no scoring).
+Both: the same model object loaded once (`--model DIR`, default a tiny random one from
+`launcher.tiny_model.build_tiny_whisper`; `python ../shared/tools/whisper_base_offline.py DIR` makes a real
+whisper-base), the same dtype (bf16 on a GPU, fp32 on the CPU; the event's script ran fp32), batch size, language
+token forced, greedy (num_beams 1), `--max-new-tokens`. One untimed batch warms each side up first.
+
+Reported per side: seconds, clips/s, real-time factor (processing seconds per audio second) and the speed-up
+(pipeline seconds / evaluation seconds). The project's features are precomputed, so the feature cost is reported
+apart: what `WhisperFeatureExtractor` costs on these clips (inside the pipeline's time), what the shard step's
+`launcher.features.log_mel_spectrogram` cost once (not in the evaluation's time), and the speed-up if that
+were paid at every evaluation. Also how many transcripts agree between the two sides (they should, up to the
+float16 storage of the features). Saves bench/results/eval_throughput.json.
+
+    python bench/eval_throughput.py                                    # tiny random model, CPU: ~30 s
+    python bench/eval_throughput.py --model /tmp/whisper-base --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEMO_CORPUS = REPO / "assets" / "demo_corpus" / "fr"
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def raw_audio(source, split: str, ids: list[str]) -> tuple[dict, float]:
+    """{id: 16 kHz float32 audio} for `ids`, decoded with launcher.audio.decode, and the seconds decoding took."""
+    from launcher.audio import decode
+
+    wanted, audio, seconds = set(ids), {}, 0.0
+    for clip in source.clips(split):
+        if clip.id in wanted and clip.audio is not None:
+            start = time.perf_counter()
+            audio[clip.id] = decode(clip.audio)
+            seconds += time.perf_counter() - start
+            if len(audio) == len(wanted):
+                break
+    missing = wanted - set(audio)
+    if missing:
+        raise SystemExit(f"the source has no audio for {len(missing)} of the shards' clips, e.g. {sorted(missing)[0]}; "
+                         "pass --source (the corpus the shards were made from)")
+    return audio, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="a Whisper folder (default: build the tiny random model)")
+    ap.add_argument("--shards", type=Path, help="shards of the clips (default: shard the bundled French corpus)")
+    ap.add_argument("--source", help="the corpus the shards came from, as `launcher shard --source` takes it "
+                                     "(default: the bundled corpus, or what the shards' index.json names)")
+    ap.add_argument("--split", default="train", help="default train: the bundled corpus's largest split (44 clips)")
+    ap.add_argument("--max-samples", type=int)
+    ap.add_argument("--language", help="default: the shards' index.json")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=225, help="the event's generation_max_length")
+    ap.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval_throughput.json")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
+
+    from launcher.evaluate import DecodeSettings, evaluate, scan_split
+    from launcher.features import log_mel_spectrogram
+    from launcher.index import load_index
+    from launcher.shard import Settings, shard_corpus
+    from launcher.sources import open_source
+    from launcher.tiny_model import build_tiny_whisper
+
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    precision = args.precision or ("bf16" if on_gpu else "fp32")
+    if not on_gpu and precision != "fp32":
+        ap.error(f"--precision {precision} needs a GPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = args.model or build_tiny_whisper(tmp / "tiny-whisper")
+        processor = WhisperProcessor.from_pretrained(model_dir)
+        model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        model.to(device).eval()
+        n_mels = model.config.num_mel_bins
+        shards, source_spec = args.shards, args.source
+        if shards is None:
+            shards, source_spec = tmp / "shards", source_spec or f"cv:{DEMO_CORPUS}"
+            shard_corpus(open_source(source_spec, "fr"), shards, Settings(n_mels, 50_000_000, "fr"), workers=0)
+        index = load_index(shards)
+        described = index.get("source", {})
+        language = args.language or described.get("language") or "fr"
+        if index["features"].get("n_mels") != n_mels:
+            ap.error(f"the shards have n_mels={index['features'].get('n_mels')}, the model wants {n_mels}")
+        source_spec = source_spec or f"{described.get('kind')}:{described.get('location')}"
+        items = scan_split(shards, args.split, args.max_samples)
+        audio, decode_s = raw_audio(open_source(source_spec, language), args.split, [it.id for it in items])
+        clips = [audio[it.id] for it in items]
+        audio_seconds = sum(len(a) for a in clips) / 16000
+
+        # feature costs, one clip at a time as each side computes them
+        extractor = processor.feature_extractor
+        fe_s, _ = timed(lambda: [extractor(a, sampling_rate=16000, return_tensors="pt") for a in clips], device)
+        mel_s, _ = timed(lambda: [log_mel_spectrogram(a, n_mels) for a in clips], device)
+
+        settings = DecodeSettings(language=language, batch_size=args.batch, num_beams=1,
+                                  max_new_tokens=args.max_new_tokens)
+        asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
+                       feature_extractor=extractor, device=device, batch_size=args.batch)
+        generate_kwargs = {"language": language, "task": "transcribe", "num_beams": 1,
+                           "max_new_tokens": args.max_new_tokens}
+
+        def run_project(max_samples=None, out_dir=None):
+            return evaluate(model, processor.tokenizer, shards, args.split, settings, device=device, dtype=dtype,
+                            max_samples=max_samples or args.max_samples, out_dir=out_dir)
+
+        def run_pipeline(part=clips):  # fresh dicts: the pipeline pops their keys
+            return asr([{"raw": a, "sampling_rate": 16000} for a in part], generate_kwargs=generate_kwargs)
+
+        run_project(min(args.batch, len(items)))  # warm-up: kernels, allocator, caches
+        run_pipeline(clips[: args.batch])
+        project_s, report = timed(lambda: run_project(out_dir=tmp / "eval"), device)
+        pipeline_s, outputs = timed(run_pipeline, device)
+        with open(tmp / "eval" / f"{args.split}.predictions.jsonl", encoding="utf-8") as f:
+            ours = {row["id"]: row["prediction"] for row in map(json.loads, f)}
+
+    agree = sum(ours[it.id] == o["text"].strip() for it, o in zip(items, outputs, strict=True))
+    sides = {"project": {"seconds": project_s}, "pipeline": {"seconds": pipeline_s}}
+    for r in sides.values():
+        r.update(clips_per_s=len(items) / r["seconds"], rtf=r["seconds"] / audio_seconds)
+    speedup = pipeline_s / project_s
+    with_features = pipeline_s / (project_s + mel_s)
+    device_name = (torch.cuda.get_device_name(0) if on_gpu
+                   else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    result = {
+        "benchmark": "eval_throughput", "date": time.strftime("%Y-%m-%d %H:%M"), "device": device_name,
+        "torch": torch.__version__, "model": str(args.model or "tiny random (launcher.tiny_model)"),
+        "parameters": sum(p.numel() for p in model.parameters()), "precision": precision,
+        "shards": str(args.shards or "bundled corpus, sharded now"), "split": args.split, "clips": len(items),
+        "audio_seconds": audio_seconds, "batch": args.batch, "max_new_tokens": args.max_new_tokens,
+        "language": language, **sides, "speedup": speedup,
+        "feature_cost": {"whisper_feature_extractor_s": fe_s, "log_mel_spectrogram_s": mel_s,
+                         "audio_decode_s": decode_s, "speedup_if_features_were_computed_at_each_evaluation":
+                         with_features},
+        "project_wer": report["wer"], "transcripts_agreeing": agree,
+        "targets": {"speedup": ">= 2"},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"{result['model']} ({result['parameters'] / 1e6:.1f} M parameters), {precision}, on {device_name}; "
+          f"{len(items)} clips, {audio_seconds:.1f} s of audio, batch {args.batch}, greedy, "
+          f"max {args.max_new_tokens} new tokens, language {language}")
+    print(f"{'':<10}{'seconds':>9}{'clips/s':>9}{'RTF':>9}")
+    for name, r in (("project", sides["project"]), ("pipeline", sides["pipeline"])):
+        print(f"{name:<10}{r['seconds']:>9.2f}{r['clips_per_s']:>9.1f}{r['rtf']:>9.4f}")
+    print(f"speed-up: {speedup:.2f}x (target >= 2x); transcripts agreeing: {agree}/{len(items)}")
+    print(f"features: WhisperFeatureExtractor {fe_s:.2f} s (inside the pipeline's time), shard-step log-mel "
+          f"{mel_s:.2f} s (paid once, when sharding); speed-up if it were paid at every evaluation: "
+          f"{with_features:.2f}x; audio decoding {decode_s:.2f} s (timed on neither side)")
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

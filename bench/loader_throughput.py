@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Training-loader throughput per worker, against what one GPU consumes.
+
+Measured: `launcher.data.train_loader` over `launcher.data.ShardStream`, exactly as `launcher.train` builds them
+(rank 0 of 1, shuffled, sha256 verified once per worker, labels tokenised by `launcher.data.Targets`, features
+padded to 3000 frames in `launcher.data.collate` inside the workers, pinned on a GPU machine), reading real shards:
+`--shards DIR`, or by default the bundled French corpus sharded into a temporary folder with
+`launcher.shard.shard_corpus`. The tokenizer is the tiny model's (`launcher.tiny_model.build_tiny_whisper`, built
+in a temporary folder; Whisper's own BPE tokenises at a similar speed).
+
+For each `--workers` count, batches are drawn for `--seconds` after the first one (the first batch, which pays for
+starting the workers and hashing the shards, is reported apart as start-up): samples/s, and samples/s per worker
+(the main process counts as the one worker when `--workers 0`). One GPU's consumption comes from
+`--gpu-samples-per-s`, by default the project's samples/s in bench/results/train_throughput.json (else 100); the
+ratio is what the rank's loader delivers over what its GPU consumes (target: >= 10x), and the last line projects it
+to `--node-workers` workers (default: one per core here) at the per-worker rate measured with the most workers.
+The bundled corpus is sharded with the n_mels of that run's model (80 or 128) unless `--n-mels` says otherwise.
+Note: the bundled shards sit in the page cache; shards read from a cold disk or a network filesystem are slower.
+Saves bench/results/loader_throughput.json.
+
+    python bench/loader_throughput.py                                  # ~20 s on 2 cores
+    python bench/loader_throughput.py --shards shards/fr --workers 0,1,2,4,8 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TRAIN_RESULT = REPO / "bench" / "results" / "train_throughput.json"
+DEMO_CORPUS = REPO / "assets" / "demo_corpus" / "fr"
+
+
+def gpu_consumption(args) -> tuple[float, str, int | None]:
+    """(samples/s of one GPU, where that figure comes from, the model's n_mels if known)."""
+    if TRAIN_RESULT.is_file():
+        r = json.loads(TRAIN_RESULT.read_text())
+        n_mels = r.get("dimensions", {}).get("n_mels")
+        if args.gpu_samples_per_s is None:
+            return (r["project"]["samples_per_s"],
+                    f"{TRAIN_RESULT.relative_to(REPO)}: Whisper {r['size']}, {r['project']['precision']}, "
+                    f"batch {r['project']['batch_per_step']}, on {r['device']}", n_mels)
+        return args.gpu_samples_per_s, "--gpu-samples-per-s", n_mels
+    return (args.gpu_samples_per_s or 100.0,
+            "--gpu-samples-per-s" if args.gpu_samples_per_s else "default (no train_throughput.json)", None)
+
+
+def shard_demo(out: Path, n_mels: int) -> Path:
+    from launcher.shard import Settings, shard_corpus
+    from launcher.sources.common_voice import CommonVoiceRelease
+
+    shard_corpus(CommonVoiceRelease(DEMO_CORPUS, "fr"), out, Settings(n_mels, 2_000_000, "fr"), workers=0)
+    return out
+
+
+def measure(stream, workers: int, seconds: float, pin: bool) -> dict:
+    from launcher.data import train_loader
+
+    loader = train_loader(stream, workers, pin_memory=pin)
+    start = time.perf_counter()
+    it = iter(loader)
+    batch = next(it)
+    first = time.perf_counter()
+    samples, batches = 0, 0
+    while time.perf_counter() - first < seconds:
+        batch = next(it)
+        samples += len(batch["ids"])
+        batches += 1
+    elapsed = time.perf_counter() - first
+    shape = list(batch["input_features"].shape)
+    del it  # shuts the workers down
+    rate = samples / elapsed
+    return {"workers": workers, "startup_s": first - start, "batches": batches, "samples": samples,
+            "seconds": elapsed, "samples_per_s": rate, "samples_per_s_per_worker": rate / max(workers, 1),
+            "batch_shape": shape}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=Path, help="a folder from `launcher shard` (default: shard the bundled corpus)")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--language", help="of the transcripts (default: the shards' index.json)")
+    ap.add_argument("--n-mels", type=int, choices=(80, 128),
+                    help="when sharding the bundled corpus (default: the train_throughput.json model's, else 80)")
+    ap.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts")
+    ap.add_argument("--batch", type=int, default=16, help="clips per batch")
+    ap.add_argument("--seconds", type=float, default=4.0, help="measuring time per worker count")
+    ap.add_argument("--shuffle-buffer", type=int, default=1000)
+    ap.add_argument("--gpu-samples-per-s", type=float, help="one GPU's consumption (default: see above)")
+    ap.add_argument("--node-workers", type=int, default=os.cpu_count(), help="workers for the projection")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loader_throughput.json")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from transformers import WhisperTokenizer
+
+    from launcher.data import ShardStream, Targets, split_shards
+    from launcher.index import load_index
+    from launcher.tiny_model import build_tiny_whisper
+
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    gpu_rate, gpu_source, train_n_mels = gpu_consumption(args)
+    pin = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shards = args.shards
+        if shards is None:
+            shards = shard_demo(tmp / "shards", args.n_mels or train_n_mels or 80)
+        index = load_index(shards)
+        language = args.language or index.get("source", {}).get("language") or "fr"
+        tokenizer = WhisperTokenizer.from_pretrained(build_tiny_whisper(tmp / "tiny"))
+        targets = Targets(tokenizer, language, "transcribe", normalize=False)
+        split = index["splits"][args.split]
+        rows = []
+        for workers in worker_counts:
+            stream = ShardStream(split_shards(shards, args.split), targets, rank=0, world_size=1, seed=0, shuffle=True,
+                                 shuffle_buffer=args.shuffle_buffer, batch_size=args.batch, verify=True)
+            row = measure(stream, workers, args.seconds, pin)
+            row["ratio_vs_one_gpu"] = row["samples_per_s"] / gpu_rate
+            rows.append(row)
+
+    # per-worker rate at the most workers measured: it includes their contention for cores and memory bandwidth
+    widest = max(rows, key=lambda r: r["workers"])
+    best = widest["samples_per_s_per_worker"]
+    projected = best * args.node_workers
+    result = {
+        "benchmark": "loader_throughput", "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "pin_memory": pin,
+        "shards": str(args.shards or f"bundled corpus {DEMO_CORPUS.relative_to(REPO)}, sharded now"),
+        "split": args.split, "samples_in_split": split["samples"], "mean_clip_seconds": split["seconds"] /
+        split["samples"], "n_mels": index["features"].get("n_mels"), "batch": args.batch, "rows": rows,
+        "gpu_samples_per_s": gpu_rate, "gpu_source": gpu_source, "projection_from_workers": widest["workers"],
+        "samples_per_s_per_worker_for_projection": best,
+        "node_workers": args.node_workers, "projected_ratio_vs_one_gpu": projected / gpu_rate,
+        "workers_to_keep_up": gpu_rate / best, "workers_for_10x": 10 * gpu_rate / best,
+        "targets": {"ratio_vs_one_gpu": ">= 10"},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"{result['shards']}: split {args.split}, {split['samples']} clips "
+          f"(mean {result['mean_clip_seconds']:.2f} s), {result['n_mels']} mel bins, batch {args.batch} -> "
+          f"{rows[0]['batch_shape']}, pin_memory {pin}")
+    print(f"one GPU consumes {gpu_rate:.2f} samples/s ({gpu_source})")
+    print(f"{'workers':>8}{'start-up s':>12}{'samples/s':>11}{'per worker':>12}{'x one GPU':>11}")
+    for r in rows:
+        print(f"{r['workers']:>8}{r['startup_s']:>12.2f}{r['samples_per_s']:>11.1f}{r['samples_per_s_per_worker']:>12.1f}"
+              f"{r['ratio_vs_one_gpu']:>11.1f}")
+    print(f"projection: {args.node_workers} workers x {best:.1f} samples/s per worker (as measured with "
+          f"{widest['workers']}) = {projected:.0f} samples/s = {projected / gpu_rate:.1f}x one GPU (target >= 10x); "
+          f"{gpu_rate / best:.3g} workers keep up with it, {10 * gpu_rate / best:.3g} give 10x")
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
