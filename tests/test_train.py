@@ -160,3 +160,21 @@ def test_periodic_eval_under_zero3_keeps_the_best_by_wer_and_cards_the_final_mod
     final = WhisperForConditionalGeneration.from_pretrained(run_dir / "final").state_dict()
     best = WhisperForConditionalGeneration.from_pretrained(run_dir / "best").state_dict()
     assert all(torch.equal(final[k], best[k]) for k in final)
+
+
+def test_gradient_checkpointing_frozen_encoder_and_spec_augment_train(tiny_model, demo_shards, tmp_path):
+    """The memory and regularisation options run for real: the frozen encoder comes back unchanged, the decoder
+    learns, with activations recomputed and SpecAugment masks drawn."""
+    run_dir = tmp_path / "run"
+    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET, "optim.max_steps=16",
+                           "checkpoint.every_steps=0", "logging.every_steps=5", "model.gradient_checkpointing=true",
+                           "model.freeze_encoder=true", "model.spec_augment.enabled=true",
+                           "model.spec_augment.mask_time_prob=0.2", "model.attn_implementation=eager"))
+    log = read_log(run_dir)
+    assert log[-1]["loss"] < log[0]["loss"]
+    final = WhisperForConditionalGeneration.from_pretrained(run_dir / "final").state_dict()
+    initial = WhisperForConditionalGeneration.from_pretrained(tiny_model).state_dict()
+    encoder = [k for k in final if k.startswith("model.encoder.")]
+    decoder = [k for k in final if k.startswith("model.decoder.layers.")]
+    assert encoder and all(torch.equal(final[k], initial[k]) for k in encoder)
+    assert any(not torch.equal(final[k], initial[k]) for k in decoder)
