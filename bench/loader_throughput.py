@@ -110,6 +110,7 @@ def main() -> None:
     from launcher.index import load_index
     from launcher.tiny_model import build_tiny_whisper
 
+    torch.set_num_threads(1)  # a worker is one thread (DataLoader gives each worker one), so is the main process
     worker_counts = [int(w) for w in args.workers.split(",")]
     gpu_rate, gpu_source, train_n_mels = gpu_consumption(args)
     pin = torch.cuda.is_available()

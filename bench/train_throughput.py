@@ -26,9 +26,10 @@ including fetching its batch), with the device synchronised. Reported: samples/s
 (samples/s x `--clip-seconds`), label tokens/s, achieved TFLOPS and MFU from the analytic count in
 bench/flops.py (against `--peak-tflops`; default 989, H100/H200 dense bf16/fp16, on CUDA in 16-bit; n/a on the
 CPU unless given), and peak GPU memory (torch.cuda.max_memory_allocated, reset once the engine is built).
-Each side runs in its own subprocess, one after the other. Saves bench/results/train_throughput.json.
+Each side runs in its own subprocess, one after the other (on the CPU with one thread each, `--threads`: the CPU run
+checks the script, the targets are for a GPU). Saves bench/results/train_throughput.json.
 
-    python bench/train_throughput.py                                 # tiny, CPU: ~30 s
+    python bench/train_throughput.py                                 # tiny, CPU (1 thread, 2 steps): ~40 s
     python bench/train_throughput.py --size large-v3 --batch 16      # one H100: bf16, ZeRO-2
 """
 
@@ -223,6 +224,8 @@ def run_project(args) -> dict:
     recipe = build_recipe(args)
     config = whisper_config(args.size)
     ds_config = deepspeed_config(recipe, 1, on_gpu=on_gpu)
+    if args.torch_adam:  # no CUDA toolkit to build DeepSpeed's FusedAdam: torch's AdamW (foreach) instead
+        ds_config["optimizer"]["params"]["torch_adam"] = True
     model = build_project_model(recipe, config, device)
     n_params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -257,7 +260,8 @@ def run_project(args) -> dict:
         if on_gpu:
             torch.cuda.synchronize()
         ends.append(time.perf_counter())
-    seconds = ends[-1] - ends[args.warmup_steps - 1]
+    timed = ends[args.warmup_steps - 1:]  # the end of the last warm-up step, then the end of each timed step
+    seconds = timed[-1] - timed[0]
     result = {
         "what_ran": (f"launcher step: deepspeed.initialize(config=launcher.recipe.deepspeed_config(recipe)), "
                      f"ZeRO-{recipe.deepspeed.zero_stage}, {recipe.deepspeed.precision}, "
@@ -269,9 +273,8 @@ def run_project(args) -> dict:
         "gradient_checkpointing": recipe.model.gradient_checkpointing,
         "freeze_encoder": recipe.model.freeze_encoder, "attn_implementation": recipe.model.attn_implementation,
         "ds_config": ds_config, "steps_timed": args.steps, "seconds": seconds, "samples": samples,
-        "tokens": tokens, "step_seconds": [b - a for a, b in zip(ends[args.warmup_steps - 1:], ends[args.warmup_steps:],
-                                                                strict=False)],
-        "loss_first_last": [losses[0], losses[-1]],
+        "tokens": tokens, "step_seconds": [b - a for a, b in zip(timed, timed[1:], strict=False)],
+        "loss_first_last": [losses[0], losses[-1]], "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
     }
     dist.destroy_process_group()
@@ -341,14 +344,14 @@ def run_baseline(args, mode: str) -> dict:
         zero = ds_config["zero_optimization"]
         if offload == "none":
             zero.pop("offload_optimizer")
-        if not on_gpu or offload == "torch-adam":
-            ds_config["optimizer"]["params"]["torch_adam"] = True  # DeepSpeed's own Adam needs a C++/CUDA build
+        if offload != "cpu-adam":  # DeepSpeed's own Adams need a C++ (and CUDA) build; torch's AdamW does not
+            ds_config["optimizer"]["params"]["torch_adam"] = True
         if offload == "torch-adam":
             ds_config["zero_force_ds_cpu_optimizer"] = False
         what = {"cpu-adam": "event ds_config: ZeRO-2, optimizer offloaded to the CPU (DeepSpeedCPUAdam)",
                 "torch-adam": "event ds_config: ZeRO-2, optimizer offloaded to the CPU, torch AdamW stepping there "
                               "(slower than the event's DeepSpeedCPUAdam)",
-                "none": "event ds_config without the CPU offload (optimizer on the device"
+                "none": "event ds_config without the CPU offload (torch AdamW on the device"
                         + (")" if on_gpu else ", no GPU)")}[offload]
         what = "Seq2SeqTrainer + DeepSpeed, " + what
     fp16 = on_gpu and not args.baseline_fp32
@@ -380,6 +383,7 @@ def run_baseline(args, mode: str) -> dict:
         if mode == "deepspeed" and engine is None:
             raise RuntimeError("Seq2SeqTrainer did not use DeepSpeed")
         what += f"; optimizer {optimizer_names(engine.optimizer if engine else trainer.optimizer)}"
+        skipped = int(getattr(engine, "skipped_steps", 0)) if engine else 0
     timed = ends[args.warmup_steps - 1:]
     samples = batch * accum * (len(timed) - 1)
     return {"what_ran": what, "mode": mode, "offload": offload if mode == "deepspeed" else None,
@@ -387,7 +391,7 @@ def run_baseline(args, mode: str) -> dict:
             "precision": "fp16" if fp16 else "fp32", "gradient_checkpointing": checkpointing, "ds_config": ds_config,
             "loader_workers": args.baseline_workers, "steps_timed": len(timed) - 1, "seconds": timed[-1] - timed[0],
             "samples": samples, "tokens": samples * args.label_len,
-            "step_seconds": [b - a for a, b in zip(timed, timed[1:], strict=False)],
+            "step_seconds": [b - a for a, b in zip(timed, timed[1:], strict=False)], "skipped_steps": skipped,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
 
 
@@ -424,7 +428,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: bf16 on a GPU, fp32 on the CPU")
     ap.add_argument("--batch", type=int, help="clips per device per micro-batch (default: the recipe's)")
     ap.add_argument("--label-len", type=int, default=64, help="label tokens per clip, end of text included")
-    ap.add_argument("--steps", type=int, help="timed steps (default: 10 on a GPU, 3 on the CPU)")
+    ap.add_argument("--steps", type=int, help="timed steps (default: 10 on a GPU, 2 on the CPU)")
     ap.add_argument("--warmup-steps", type=int, help="untimed steps first, >= 1 (default: 3 on a GPU, 1 on the CPU)")
     ap.add_argument("--clip-seconds", type=float, default=5.0, help="mean clip duration (Common Voice: ~5 s)")
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: 989 on CUDA in bf16/fp16)")
@@ -438,7 +442,11 @@ def main() -> None:
     ap.add_argument("--baseline-gradient-checkpointing", choices=("same", "on", "off"), default="same",
                     help="the event trained with it on; default: as the project run")
     ap.add_argument("--baseline-workers", type=int, default=0, help="Trainer dataloader_num_workers (event: 0)")
+    ap.add_argument("--torch-adam", action="store_true",
+                    help="project: torch's AdamW in place of DeepSpeed's FusedAdam (automatic when it cannot be built)")
     ap.add_argument("--baseline-fp32", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, help="torch/OpenMP threads per process (default: 1 on the CPU, which keeps "
+                                                "a shared machine's timings steady; the torch default on a GPU)")
     ap.add_argument("--verbose", action="store_true", help="show the subprocesses' output")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_throughput.json")
     ap.add_argument("--part", choices=("project", "baseline-deepspeed", "baseline-plain"), help=argparse.SUPPRESS)
@@ -448,7 +456,7 @@ def main() -> None:
 
     on_gpu = torch.cuda.is_available()
     if args.steps is None:
-        args.steps = 10 if on_gpu else 3
+        args.steps = 10 if on_gpu else 2
     if args.warmup_steps is None:
         args.warmup_steps = 3 if on_gpu else 1
     if args.warmup_steps < 1 or args.steps < 1 or args.label_len < 2:
@@ -459,6 +467,10 @@ def main() -> None:
         args.precision = "bf16" if on_gpu else "fp32"
     if not on_gpu and args.precision != "fp32":
         ap.error(f"--precision {args.precision} needs a GPU (launcher.train refuses it on the CPU)")
+    if args.threads is None and not on_gpu:
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.part:
         if args.part == "project":
@@ -471,10 +483,18 @@ def main() -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     argv = [*sys.argv[1:], "--precision", args.precision, "--steps", str(args.steps), "--warmup-steps",
             str(args.warmup_steps)]
     notes: list[str] = []
     project, tail = run_part("project", argv, env, args.verbose)
+    if project is None and on_gpu and not args.torch_adam:
+        notes.append("project: DeepSpeed's FusedAdam could not be used (no CUDA toolkit to build it?), so the "
+                     "project ran with torch's AdamW (--torch-adam); launcher.train would fail the same way. Error:\n"
+                     + tail)
+        argv.append("--torch-adam")
+        project, tail = run_part("project", argv, env, args.verbose)
     if project is None:
         sys.exit(f"the project's step failed:\n{tail}")
     baseline = None
@@ -482,8 +502,8 @@ def main() -> None:
         baseline, tail = run_part("baseline-deepspeed", argv, env, args.verbose)
         if baseline is None and on_gpu and args.baseline_offload == "cpu-adam":
             notes.append("baseline: DeepSpeedCPUAdam (the event's offload) failed, so the baseline ran WITHOUT "
-                         "offload, which is faster than the event's setup (the ratio is conservative). Error:\n"
-                         + tail)
+                         "offload (torch AdamW on the GPU), which is faster than the event's setup: the ratio is "
+                         "conservative. Error:\n" + tail)
             baseline, tail = run_part("baseline-deepspeed", [*argv, "--baseline-offload", "none"], env, args.verbose)
         if baseline is None and not on_gpu:
             notes.append("baseline: Seq2SeqTrainer + DeepSpeed failed on the CPU; plain Seq2SeqTrainer ran. Error:\n"
@@ -510,7 +530,7 @@ def main() -> None:
         "size": args.size, "dimensions": dict(zip(("n_mels", "d_model", "layers", "heads", "ffn", "vocab"),
                                                   SIZES[args.size], strict=True)),
         "label_len": args.label_len, "clip_seconds": args.clip_seconds, "recipe": str(args.recipe),
-        "overrides": args.overrides, "peak_tflops": peak,
+        "overrides": args.overrides, "peak_tflops": peak, "threads": args.threads,
         "flops_per_sample": {"forward": forward, "training": flop_count.training_flops(forward,
                                                                                       project["freeze_encoder"])},
         "project": project, "baseline": baseline, "speedup_samples_per_s": ratio, "notes": notes,
@@ -519,7 +539,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"Whisper {args.size} ({project['parameters'] / 1e6:.1f} M parameters, random weights) on {device}; "
+    print(f"Whisper {args.size} ({project['parameters'] / 1e6:.1f} M parameters, random weights) on {device}"
+          + (f", {args.threads} thread(s)" if args.threads else "") + "; "
           f"{args.label_len} label tokens, {args.clip_seconds:g} s clips, {args.steps} timed steps after "
           f"{args.warmup_steps}; training FLOPs per sample {result['flops_per_sample']['training'] / 1e9:.1f} G")
     header = (f"{'':<9}{'batch':>6}{'prec':>6}{'samples/s':>11}{'audio h/h':>11}{'tokens/s':>10}{'step s':>8}"
@@ -538,6 +559,10 @@ def main() -> None:
         print(f"baseline: {baseline['what_ran']}; features by WhisperFeatureExtractor in the collator, "
               f"{baseline['loader_workers']} loader workers")
         print(f"speed-up: {ratio:.2f}x samples/s (target >= 3x on large-v3, one H100)")
+    for name, r in (("project", project), ("baseline", baseline)):
+        if r and r["skipped_steps"]:
+            print(f"{name}: fp16 loss scaling skipped {r['skipped_steps']} optimizer step(s) (warm-up included); "
+                  "a skipped step does no optimizer work, so its samples/s is flattered")
     if peak is None:
         print("MFU: n/a (no GPU peak for this device; give --peak-tflops)")
     else:
