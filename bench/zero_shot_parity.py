@@ -275,10 +275,15 @@ def main() -> None:
 
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    from transformers.utils import logging as hf_logging
 
     from launcher.evaluate import DecodeSettings
 
     torch.set_num_threads(args.threads)
+    # quiet: generate warns at every batch that max_new_tokens overrides the generation config's max_length (448),
+    # and that no attention mask is given (none is needed: every input is 3000 frames, nothing is padded)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     model_dir = ensure_model(args.model)
     corpus = ensure_corpus(args.corpus, args.lang, args.clips)
     processor = WhisperProcessor.from_pretrained(model_dir)
