@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from launcher.data import contiguous_range
+from launcher.distributed import init_distributed, shutdown_distributed
 from launcher.errors import LauncherError
 from launcher.features import pad_features
 from launcher.index import load_index
@@ -240,9 +241,7 @@ def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     on_gpu = torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        init_distributed(on_gpu)
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -269,5 +268,7 @@ def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size:
                               max_new_tokens=max_new_tokens)
     if out_dir is None:
         out_dir = Path(model_name) / "eval" if Path(model_name).is_dir() else Path("runs") / "eval" / model_name
-    return evaluate(model, processor.tokenizer, shards_dir, split, settings, device=device, dtype=dtype,
-                    max_samples=max_samples, out_dir=out_dir, model_name=model_name)
+    report = evaluate(model, processor.tokenizer, shards_dir, split, settings, device=device, dtype=dtype,
+                      max_samples=max_samples, out_dir=out_dir, model_name=model_name)
+    shutdown_distributed()
+    return report
