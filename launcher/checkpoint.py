@@ -3,6 +3,8 @@
 runs/<name>/checkpoints/step-N/   DeepSpeed's files (model, optimizer, scheduler, ZeRO partitions of every rank),
                                   rank-R.pt (each rank's RNG states and loader position), loop.json (step,
                                   batches consumed, best WER so far, logger run id, world size), recipe.yaml
+runs/<name>/checkpoints/step-N/universal/   the same state in DeepSpeed's universal form, made on a resume
+                                  on another number of ranks
 runs/<name>/checkpoints/latest    the tag to resume from
 
 Atomicity: every rank writes into step-N.tmp/, all ranks meet, rank 0 renames the folder to step-N/ and only
@@ -17,16 +19,25 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 from launcher.errors import LauncherError
 
 LOOP_STATE = "loop.json"
 LATEST = "latest"
+UNIVERSAL = "universal"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -68,7 +79,11 @@ def save_checkpoint(engine, run_dir: Path, step: int, loop_state: dict, rank_sta
     if rank == 0:
         shutil.rmtree(folder / tmp_tag, ignore_errors=True)  # the remains of a save that crashed
     dist.barrier()
-    engine.save_checkpoint(str(folder), tag=tmp_tag, client_state={"loop": loop_state}, save_latest=False)
+    # the universal-checkpoint marker lets ds_to_universal convert it for a resume on another number of ranks (a
+    # purely data-parallel model needs no tensor-parallel merge patterns in it)
+    universal = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(folder), tag=tmp_tag, client_state={"loop": loop_state, **universal},
+                           save_latest=False)
     torch.save(rank_state, folder / tmp_tag / f"rank-{rank}.pt")
     dist.barrier()  # every rank's files are written
     if rank == 0:
@@ -86,23 +101,56 @@ def save_checkpoint(engine, run_dir: Path, step: int, loop_state: dict, rank_sta
     return folder / tag
 
 
-def resume_checkpoint(engine, run_dir: Path) -> tuple[dict, dict]:
-    """Load the checkpoint `latest` names into the engine; returns its loop state and this rank's own state."""
+@dataclass(frozen=True)
+class ResumePoint:
+    folder: Path  # runs/<name>/checkpoints
+    tag: str  # step-N
+    loop: dict  # loop.json
+
+    @property
+    def world_size(self) -> int:
+        return self.loop["world_size"]
+
+
+def find_resume_point(run_dir: Path) -> ResumePoint:
+    """The checkpoint `latest` names, checked complete; read before the engine exists (its world size decides
+    whether DeepSpeed must load it as a universal checkpoint)."""
     folder = Path(run_dir) / "checkpoints"
     if not (folder / LATEST).is_file():
         raise LauncherError(f"--resume: no checkpoint in {folder} (no '{LATEST}' file); start without --resume")
     tag = (folder / LATEST).read_text().strip()
     if not (folder / tag / LOOP_STATE).is_file():
         raise LauncherError(f"--resume: {folder / tag} is incomplete (no {LOOP_STATE})")
-    loop = json.loads((folder / tag / LOOP_STATE).read_text())
-    if loop.get("world_size") != dist.get_world_size():
-        raise LauncherError(f"--resume: {folder / tag} was written by {loop.get('world_size')} ranks and this job "
-                            f"has {dist.get_world_size()}; resuming on another number of ranks is not supported yet "
-                            "(the data position would repeat or skip samples). Resume with the same number of GPUs.")
-    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=True)
+    return ResumePoint(folder, tag, json.loads((folder / tag / LOOP_STATE).read_text()))
+
+
+def to_universal(point: ResumePoint) -> str:
+    """Collective. Rank 0 converts the checkpoint's ZeRO partitions, cut for its old number of ranks, into
+    DeepSpeed's universal form (one file per parameter and optimizer state) under step-N/universal/, once; the
+    engine must then be built with `checkpoint.load_universal`. Returns the tag to load."""
+    src = point.folder / point.tag
+    out = src / UNIVERSAL
+    if dist.get_rank() == 0 and not out.is_dir():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(src), "--output_folder", str(tmp), "--num_extract_workers", "2",
+                               "--num_merge_workers", "1"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise LauncherError(f"--resume: converting {src} for {dist.get_world_size()} ranks failed "
+                                f"(deepspeed.checkpoint.ds_to_universal exited {proc.returncode}):\n"
+                                f"{proc.stderr[-2000:]}")
+        os.rename(tmp, out)
+    dist.barrier()
+    return f"{point.tag}/{UNIVERSAL}"
+
+
+def load_checkpoint(engine, point: ResumePoint, tag: str) -> list[dict]:
+    """Load model, optimizer and scheduler into the engine; returns every old rank's own state (rank-R.pt)."""
+    path, _ = engine.load_checkpoint(str(point.folder), tag=tag, load_module_strict=True)
     if path is None:
-        raise LauncherError(f"--resume: DeepSpeed could not load {folder / tag}")
-    return loop, torch.load(folder / tag / f"rank-{dist.get_rank()}.pt", weights_only=True)
+        raise LauncherError(f"--resume: DeepSpeed could not load {point.folder / tag}")
+    return [torch.load(point.folder / point.tag / f"rank-{r}.pt", weights_only=True) for r in range(point.world_size)]
 
 
 def export_hf(engine, out: Path, processor, generation: dict) -> Path:

@@ -10,8 +10,12 @@ The plan, per epoch e (all of it follows from the seed, so every rank computes i
 
 Each worker's stream runs on into the next epoch, so no rank ever runs dry: a run lasts `max_steps` optimizer
 steps on every rank (never "until the data ends", which hangs DeepSpeed when ranks hold unequal data), and
-within each epoch every sample is seen exactly once. A position is just the number of batches consumed:
-resuming replays the plan and skips that many batches without decoding them.
+within each epoch every sample is seen exactly once.
+
+Resuming on the same number of ranks and workers replays the plan and skips the batches already taken, without
+decoding them: the run goes on exactly as if never stopped. On another number (a 2-GPU run resumed on 1, say),
+each checkpoint's record of what every worker had trained on (`Consumed`) gives a new plan: the epochs still
+open keep only their unseen positions, cut as above among the new ranks and workers (`DataPlan`, `resume_position`).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import random
 import signal
 import sys
 import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,32 +82,34 @@ class BadData(Exception):
         self.skipped = skipped
 
 
-def read_samples(shard: Path, skip: int, take: int) -> Iterator[tuple[str, bytes, bytes]]:
-    """(key, mel.npy bytes, json bytes) of samples [skip, skip + take) of a shard, seeking over the skipped.
-    A truncated or corrupt tar raises BadData naming the shard and the last good key."""
-    position, key, parts, delivered = 0, None, {}, 0
+def read_samples(shard: Path, wanted: Sequence[int]) -> Iterator[tuple[int, str, bytes, bytes]]:
+    """(position, key, mel.npy bytes, json bytes) of the samples at the sorted in-shard positions `wanted`,
+    seeking over the others. A truncated or corrupt tar, or a sample missing a part, raises BadData naming the
+    shard and the last key read."""
+    if not len(wanted):
+        return
+    last, lookup = wanted[-1], wanted if isinstance(wanted, range) else set(wanted.tolist())
+    position, key, parts, delivered = -1, None, {}, 0
     try:
         with tarfile.open(shard, "r:") as tar:
             for member in tar:
                 k, _, ext = member.name.partition(".")
                 if k != key:
-                    if key is not None:
-                        position += 1
-                    key, parts = k, {}
-                    if position >= skip + take:
-                        return
-                if position < skip or ext not in ("mel.npy", "json"):
+                    position, key, parts = position + 1, k, {}
+                    if position > last:
+                        break
+                if position not in lookup or ext not in ("mel.npy", "json"):
                     continue
                 parts[ext] = tar.extractfile(member).read()
                 if len(parts) == 2:
                     delivered += 1
-                    yield key, parts["mel.npy"], parts["json"]
+                    yield position, key, parts["mel.npy"], parts["json"]
     except (tarfile.TarError, OSError, EOFError) as e:
         raise BadData(f"shard {shard} is unreadable after key {key!r}: {type(e).__name__}: {e}",
-                      skipped=take - delivered) from None
-    if delivered < take:
-        raise BadData(f"shard {shard} ends after {delivered} of the {take} samples index.json promises here "
-                      f"(last key {key!r})", skipped=take - delivered)
+                      skipped=len(wanted) - delivered) from None
+    if delivered < len(wanted):
+        raise BadData(f"shard {shard} gave {delivered} of the {len(wanted)} samples index.json promises here "
+                      f"(last key {key!r})", skipped=len(wanted) - delivered)
 
 
 def verify_sha256(shard: Shard) -> None:
@@ -132,18 +138,113 @@ class Targets:
         return ids if len(ids) + 1 <= self.max_tokens else None  # +1: the start token the model prepends
 
 
+@dataclass
+class DataPlan:
+    """Where a stream's plan starts. A fresh run starts at epoch 0 with nothing left out. After a resume on another
+    number of ranks or loader workers, it starts at the earliest epoch any old worker was still in, with the
+    positions already trained on in each such epoch left out of that epoch's sequence (`excluded`, one boolean
+    per position), and `start_batches` batches of the run already behind it."""
+
+    start_epoch: int = 0
+    start_batches: int = 0
+    excluded: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def state(self) -> dict:
+        return {"start_epoch": self.start_epoch, "start_batches": self.start_batches,
+                "excluded": {e: torch.from_numpy(np.packbits(m)) for e, m in self.excluded.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict, total: int) -> DataPlan:
+        return cls(state["start_epoch"], state["start_batches"],
+                   {e: np.unpackbits(m.numpy(), count=total).astype(bool) for e, m in state["excluded"].items()})
+
+    def positions(self, epoch: int, total: int) -> Sequence[int]:
+        """The epoch's sequence: positions 0..total-1 of its shard order, less those left out."""
+        return np.flatnonzero(~self.excluded[epoch]) if epoch in self.excluded else range(total)
+
+
+def worker_positions(plan: DataPlan, total: int, epoch: int, world_size: int, rank: int, workers: int,
+                     worker: int) -> Sequence[int]:
+    """The sorted positions of one worker's part of an epoch: its rank's contiguous range of the epoch's sequence,
+    and its own contiguous range of that."""
+    sequence = plan.positions(epoch, total)
+    lo, hi = contiguous_range(len(sequence), world_size, rank)
+    w_lo, w_hi = contiguous_range(hi - lo, workers, worker)
+    return sequence[lo + w_lo: lo + w_hi]
+
+
+class Consumed:
+    """What one rank has trained on, per loader worker: the epoch the worker is in (its parts of all earlier epochs
+    are done, dropped samples included) and the positions of that epoch in batches the loop has taken. Saved in
+    every checkpoint, it lets a resume on another number of ranks or workers leave out exactly what was seen."""
+
+    def __init__(self, workers: int, epoch: int):
+        self.epochs = [epoch] * workers
+        self.seen: list[list[int]] = [[] for _ in range(workers)]
+
+    def update(self, batch: dict) -> None:
+        w = batch["worker"]
+        for epoch, position in batch["positions"]:
+            if epoch > self.epochs[w]:
+                self.epochs[w], self.seen[w] = epoch, []
+            self.seen[w].append(position)
+
+    def state(self) -> list[dict]:
+        return [{"epoch": e, "positions": torch.tensor(p, dtype=torch.int64)} for e, p in zip(self.epochs, self.seen,
+                                                                                                strict=True)]
+
+    @classmethod
+    def from_state(cls, state: list[dict]) -> Consumed:
+        out = cls(len(state), 0)
+        out.epochs = [w["epoch"] for w in state]
+        out.seen = [w["positions"].tolist() for w in state]
+        return out
+
+
+def loader_state(plan: DataPlan, consumed: Consumed, *, world_size: int, rank: int, workers: int) -> dict:
+    """One rank's loader position, as saved in its rank-R.pt (tensors and plain values: weights_only loads it)."""
+    return {"world_size": world_size, "rank": rank, "workers": workers, "plan": plan.state(),
+            "consumed": consumed.state()}
+
+
+def resume_position(states: list[dict], total: int, *, world_size: int, rank: int, workers: int,
+                    batches: int) -> tuple[DataPlan, Consumed, int]:
+    """(plan, consumed, batches to skip) for this rank from every old rank's `loader_state`, `batches` being the
+    batches the run had taken. Same ranks and workers: the same plan, replayed past what was taken (bitwise the
+    uninterrupted run). Otherwise a new plan from the earliest epoch still open, leaving out what any old worker
+    trained on (its whole part of the epochs it had finished), so no sample is repeated or skipped."""
+    old = states[0]
+    old_plan = DataPlan.from_state(old["plan"], total)
+    if old["world_size"] == world_size and old["workers"] == workers:
+        return old_plan, Consumed.from_state(states[rank]["consumed"]), batches - old_plan.start_batches
+    workers_then = [(st, w, part) for st in states for w, part in enumerate(st["consumed"])]
+    first = min(part["epoch"] for _, _, part in workers_then)
+    last = max(part["epoch"] for _, _, part in workers_then)
+    excluded = {e: m.copy() for e, m in old_plan.excluded.items() if e >= first}
+    for epoch in range(first, last + 1):
+        mask = excluded.setdefault(epoch, np.zeros(total, dtype=bool))
+        for st, w, part in workers_then:
+            if part["epoch"] > epoch:
+                mask[np.asarray(worker_positions(old_plan, total, epoch, st["world_size"], st["rank"], st["workers"],
+                                                 w), dtype=np.int64)] = True
+            elif part["epoch"] == epoch:
+                mask[part["positions"].numpy()] = True
+    return DataPlan(first, batches, excluded), Consumed(workers, first), 0
+
+
 class ShardStream(IterableDataset):
     """One rank's endless stream of training samples; see the module docstring for the plan."""
 
     def __init__(self, shards: list[Shard], targets: Targets, *, rank: int, world_size: int, seed: int,
-                 shuffle: bool, shuffle_buffer: int, batch_size: int, skip_batches: int = 0, verify: bool = False,
-                 on_bad_data: str = "skip"):
+                 shuffle: bool, shuffle_buffer: int, batch_size: int, plan: DataPlan | None = None,
+                 skip_batches: int = 0, verify: bool = False, on_bad_data: str = "skip"):
         self.shards, self.targets = shards, targets
         self.verify, self.on_bad_data = verify, on_bad_data
         self._checked: dict[Path, BadData | None] = {}  # sha256 verdicts, per worker process
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.buffer, self.batch_size = shuffle, max(1, shuffle_buffer), batch_size
         self.total = sum(s.samples for s in shards)
+        self.plan = plan or DataPlan()
         self.skip_batches = skip_batches
         if self.total < world_size:
             raise LauncherError(f"{self.total} training samples cannot feed {world_size} ranks")
@@ -152,16 +253,10 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return (info.id, info.num_workers) if info else (0, 1)
 
-    def _skip_samples(self, worker: int, workers: int, batches: int | None = None) -> int:
-        """Samples this worker delivered in the first `batches` (default: skip_batches) batches of the rank
+    def _skip_samples(self, worker: int, workers: int) -> int:
+        """Samples this worker delivered in the first `skip_batches` batches of the rank since the plan started
         (DataLoader takes whole batches from workers in turn: batch i comes from worker i % workers)."""
-        return len(range(worker, self.skip_batches if batches is None else batches, workers)) * self.batch_size
-
-    def position(self, batches: int, workers: int) -> dict:
-        """Where every worker of this rank stands after `batches` batches (what a resume skips)."""
-        return {"batches": batches, "rank": self.rank, "world_size": self.world_size,
-                "workers": [{"worker": w, "delivered_samples": self._skip_samples(w, max(workers, 1), batches)}
-                            for w in range(max(workers, 1))]}
+        return len(range(worker, self.skip_batches, workers)) * self.batch_size
 
     def _bad(self, error: BadData, worker: int) -> int:
         """Report bad data by shard and key; stop the run or skip it, per the recipe. Returns samples lost."""
@@ -182,31 +277,35 @@ class ShardStream(IterableDataset):
         if self._checked[shard.path] is not None:
             raise self._checked[shard.path]
 
-    def epoch_items(self, epoch: int, worker: int, workers: int) -> Iterator[tuple[Shard, int, int]]:
-        """(shard, skip, take) pieces of this worker's range of the epoch's global sequence, in order."""
-        lo, hi = contiguous_range(self.total, self.world_size, self.rank)
-        w_lo, w_hi = contiguous_range(hi - lo, workers, worker)
-        start, stop = lo + w_lo, lo + w_hi
+    def epoch_items(self, epoch: int, worker: int, workers: int) -> Iterator[tuple[Shard, Sequence[int], int]]:
+        """(shard, sorted in-shard positions, the shard's offset in the epoch's sequence) for this worker's part
+        of the epoch, in shard order."""
+        positions = worker_positions(self.plan, self.total, epoch, self.world_size, self.rank, workers, worker)
         offset = 0
         for shard in epoch_shard_order(self.shards, self.seed, epoch, self.shuffle):
-            a, b = max(start, offset), min(stop, offset + shard.samples)
-            if a < b:
-                yield shard, a - offset, b - a
+            if isinstance(positions, range):
+                wanted = range(max(positions.start, offset) - offset,
+                               max(min(positions.stop, offset + shard.samples) - offset, 0))
+            else:
+                i, j = np.searchsorted(positions, [offset, offset + shard.samples])
+                wanted = positions[i:j] - offset
+            if len(wanted):
+                yield shard, wanted, offset
             offset += shard.samples
 
     def _blocks(self, epoch: int, worker: int, workers: int, bad: list[int]) -> Iterator[list[tuple]]:
         """This worker's samples of one epoch in blocks of `shuffle_buffer`; bad data is counted into `bad`."""
         block: list = []
-        for shard, skip, take in self.epoch_items(epoch, worker, workers):
+        for shard, wanted, offset in self.epoch_items(epoch, worker, workers):
             try:
                 if self.verify:
                     self._check(shard)
             except BadData as e:
-                bad[0] += self._bad(BadData(str(e), skipped=take), worker)
+                bad[0] += self._bad(BadData(str(e), skipped=len(wanted)), worker)
                 continue
             try:
-                for sample in read_samples(shard.path, skip, take):
-                    block.append((shard.path.name, *sample))
+                for position, *sample in read_samples(shard.path, wanted):
+                    block.append((shard.path.name, offset + position, *sample))
                     if len(block) == self.buffer:
                         yield block
                         block = []
@@ -220,13 +319,13 @@ class ShardStream(IterableDataset):
         labels do not fit, and bad data, are left out and counted in the next sample's `dropped_long` and
         `bad_data`."""
         to_skip = self._skip_samples(worker, workers)
-        epoch, dropped, bad = 0, 0, [0]
+        epoch, dropped, bad = self.plan.start_epoch, 0, [0]
         while True:
             produced = 0
             for block_no, block in enumerate(self._blocks(epoch, worker, workers, bad)):
                 if self.shuffle:
                     random.Random(f"{self.seed}:{epoch}:{self.rank}:{worker}:{block_no}").shuffle(block)
-                for shard_name, key, mel, meta in block:
+                for shard_name, position, key, mel, meta in block:
                     try:
                         meta = json.loads(meta)
                         labels = self.targets(meta["text"])
@@ -247,15 +346,21 @@ class ShardStream(IterableDataset):
                                                     f"({e})", 1), worker)
                         continue
                     yield {"id": meta["id"], "features": features, "labels": labels, "epoch": epoch,
-                           "dropped_long": dropped, "bad_data": bad[0]}
+                           "position": position, "worker": worker, "dropped_long": dropped, "bad_data": bad[0]}
                     dropped, bad[0] = 0, 0
-            if produced == 0:
+            if produced == 0 and epoch not in self.plan.excluded:  # a worker's rest of an epoch may be empty
                 raise LauncherError(f"rank {self.rank} worker {worker}: no usable sample in its part of the data "
                                     "(all unreadable, or labels over 448 tokens)")
             epoch += 1
 
+    def worker_stream(self, loader_worker: int, workers: int) -> Iterator[dict]:
+        """The stream of DataLoader worker `loader_worker`. DataLoader takes batch i from worker i % workers from
+        its start, so after skipping k batches its worker w plays the plan's worker (w + k) % workers: the batches
+        then come in the uninterrupted run's order."""
+        return self.samples((loader_worker + self.skip_batches) % workers, workers)
+
     def __iter__(self) -> Iterator[dict]:
-        return self.samples(*self._worker())
+        return self.worker_stream(*self._worker())
 
 
 def collate(samples: list[dict], pad_token_id: int = -100) -> dict:
@@ -267,6 +372,7 @@ def collate(samples: list[dict], pad_token_id: int = -100) -> dict:
         labels[i, : len(s["labels"])] = torch.tensor(s["labels"])
     return {"input_features": torch.stack([pad_features(s["features"]) for s in samples]), "labels": labels,
             "ids": [s["id"] for s in samples], "epochs": [s["epoch"] for s in samples],
+            "positions": [(s["epoch"], s["position"]) for s in samples], "worker": samples[0]["worker"],
             "epoch": max(s["epoch"] for s in samples), "dropped_long": sum(s["dropped_long"] for s in samples),
             "bad_data": sum(s["bad_data"] for s in samples)}
 

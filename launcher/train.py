@@ -15,11 +15,11 @@ import signal
 import sys
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
+from launcher.distributed import init_distributed, shutdown_distributed
 from launcher.errors import LauncherError
 from launcher.recipe import Recipe, check_against_data_and_model, deepspeed_config, load_recipe, recipe_yaml
 
@@ -50,9 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(recipe, resume=args.resume)  # stopped on request (SIGTERM) or finished: both exit 0
+        shutdown_distributed()
     except BaseException as e:  # noqa: BLE001 - a failing rank must die now, not hang in exit handlers
+        rank = os.environ.get("RANK", 0)
         if isinstance(e, LauncherError):
-            print(f"error (rank {os.environ.get('RANK', 0)}): {e}", file=sys.stderr)
+            print(f"error (rank {rank}): {e}", file=sys.stderr)
+        elif isinstance(e, RuntimeError) and "timed out" in str(e).lower():
+            print(f"error (rank {rank}): no answer from another rank within deepspeed.timeout_minutes="
+                  f"{recipe.deepspeed.timeout_minutes:g}: a rank is hung or dead (or the network between nodes is "
+                  f"down), so the job stops; continue from the last checkpoint with --resume\n  ({e})",
+                  file=sys.stderr)
         else:
             traceback.print_exc()
         sys.stdout.flush()
@@ -156,14 +163,29 @@ def train(recipe: Recipe, resume: bool = False) -> bool:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from launcher.checkpoint import resume_checkpoint, rng_state, save_checkpoint, set_rng_state
-    from launcher.data import ShardStream, Targets, split_shards, train_loader
+    from launcher.checkpoint import (
+        find_resume_point,
+        load_checkpoint,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+        to_universal,
+    )
+    from launcher.data import (
+        Consumed,
+        DataPlan,
+        ShardStream,
+        Targets,
+        loader_state,
+        resume_position,
+        split_shards,
+        train_loader,
+    )
     from launcher.runlog import RunLogger
 
     stop = StopRequest()
     on_gpu = _on_gpu()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
-                               timeout=timedelta(minutes=recipe.deepspeed.timeout_minutes))
+    init_distributed(on_gpu, recipe.deepspeed.timeout_minutes)
     rank, world = dist.get_rank(), dist.get_world_size()
     accelerator = get_accelerator()
     if on_gpu:
@@ -173,6 +195,10 @@ def train(recipe: Recipe, resume: bool = False) -> bool:
 
     run_dir = Path(recipe.output_dir)
     ds_config = deepspeed_config(recipe, world, on_gpu=on_gpu)
+    point = find_resume_point(run_dir) if resume else None
+    regrouped = point is not None and point.world_size != world
+    if regrouped:  # ZeRO partitions cut for another number of ranks load only in DeepSpeed's universal form
+        ds_config["checkpoint"] = {"load_universal": True}
     recipe_text = recipe_yaml(recipe)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,19 +213,26 @@ def train(recipe: Recipe, resume: bool = False) -> bool:
 
     loop = {"step": 0, "batches": 0, "best": [], "wandb_id": None, "world_size": world, "nonfinite_in_row": 0}
     samples_log = run_dir / "samples" / f"rank-{rank}.jsonl" if recipe.logging.sample_ids else None
-    if resume:
-        loop, own_state = resume_checkpoint(engine, run_dir)
-        set_rng_state(own_state["rng"])
+    shards = split_shards(recipe.data.shards, recipe.data.train_split)
+    total = sum(s.samples for s in shards)
+    workers = max(recipe.data.num_workers, 1)
+    plan, consumed, skip = DataPlan(), Consumed(workers, 0), 0
+    if point is not None:
+        old_states = load_checkpoint(engine, point, to_universal(point) if regrouped else point.tag)
+        loop = {**point.loop, "world_size": world}
+        if rank < len(old_states):
+            set_rng_state(old_states[rank]["rng"])
+        plan, consumed, skip = resume_position([s["loader"] for s in old_states], total, world_size=world, rank=rank,
+                                               workers=workers, batches=loop["batches"])
         if rank == 0:
             _truncate_jsonl(run_dir / "train_log.jsonl", loop["step"])
         if samples_log:
             _truncate_jsonl(samples_log, loop["step"])
     targets = Targets(processor.tokenizer, recipe.model.language, recipe.model.task,
                       normalize=recipe.data.target_text == "normalized")
-    stream = ShardStream(split_shards(recipe.data.shards, recipe.data.train_split), targets, rank=rank,
-                         world_size=world, seed=recipe.seed, shuffle=recipe.data.shuffle,
+    stream = ShardStream(shards, targets, rank=rank, world_size=world, seed=recipe.seed, shuffle=recipe.data.shuffle,
                          shuffle_buffer=recipe.data.shuffle_buffer, batch_size=recipe.data.batch_size_per_gpu,
-                         skip_batches=loop["batches"], verify=recipe.data.verify_shards,
+                         plan=plan, skip_batches=skip, verify=recipe.data.verify_shards,
                          on_bad_data=recipe.data.on_bad_data)
     batches = iter(train_loader(stream, recipe.data.num_workers, pin_memory=on_gpu))
     if samples_log:
@@ -212,12 +245,15 @@ def train(recipe: Recipe, resume: bool = False) -> bool:
                        tensorboard=lg.tensorboard, wandb_project=lg.wandb_project if lg.wandb else None,
                        wandb_config=recipe.model_dump(mode="json"), wandb_id=loop.get("wandb_id"))
     loop["wandb_id"] = logger.wandb_id
-    if resume:
-        logger.print(f"resumed from step {loop['step']} ({run_dir / 'checkpoints'})")
+    if point is not None:
+        logger.print(f"resumed from step {loop['step']} ({point.folder / point.tag})" + (
+            f", written by {point.world_size} ranks, on {world}: the rest of epoch {plan.start_epoch} onwards is "
+            f"re-planned" if regrouped else ""))
     evaluator = PeriodicEval(recipe, engine, processor, device, dtype, logger)
 
     def save(step: int) -> None:
-        rank_state = {"rng": rng_state(), "loader": stream.position(loop["batches"], recipe.data.num_workers)}
+        rank_state = {"rng": rng_state(), "loader": loader_state(plan, consumed, world_size=world, rank=rank,
+                                                                  workers=workers)}
         save_checkpoint(engine, run_dir, step, loop, rank_state, keep_last=ck.keep_last,
                         keep={tag for _, tag in loop["best"]}, recipe_text=recipe_text)
 
@@ -230,6 +266,7 @@ def train(recipe: Recipe, resume: bool = False) -> bool:
         skipped = False
         for _ in range(o.grad_accum):
             batch = next(batches)
+            consumed.update(batch)
             features = batch["input_features"].to(device, dtype, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             loss = engine(input_features=features, labels=labels).loss

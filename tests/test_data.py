@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from collections import Counter
@@ -13,7 +14,18 @@ import pytest
 import torch
 from transformers import WhisperTokenizerFast
 
-from launcher.data import ShardStream, Targets, collate, contiguous_range, read_samples, split_shards, train_loader
+from launcher.data import (
+    Consumed,
+    ShardStream,
+    Targets,
+    collate,
+    contiguous_range,
+    loader_state,
+    read_samples,
+    resume_position,
+    split_shards,
+    train_loader,
+)
 from launcher.features import pad_features
 
 
@@ -23,7 +35,7 @@ def targets(tiny_model) -> Targets:
 
 
 def all_ids(shards) -> list[str]:
-    return [json.loads(meta)["id"] for s in shards for _, _, meta in read_samples(s.path, 0, s.samples)]
+    return [json.loads(meta)["id"] for s in shards for *_, meta in read_samples(s.path, range(s.samples))]
 
 
 def stream(shards, targets, rank, world, batch=2, **kw) -> ShardStream:
@@ -40,7 +52,7 @@ def test_every_sample_is_seen_once_per_epoch_across_ranks_and_workers(demo_shard
         for rank in range(world):
             s = stream(shards, targets, rank, world)
             for worker in range(workers):
-                n = sum(take for _, _, take in s.epoch_items(epoch, worker, workers))
+                n = sum(len(wanted) for _, wanted, _ in s.epoch_items(epoch, worker, workers))
                 gen = s.samples(worker, workers)
                 taken = [next(gen) for _ in range(n * (epoch + 1))][n * epoch:]
                 assert {t["epoch"] for t in taken} == {epoch}
@@ -63,13 +75,99 @@ def test_streams_never_run_dry_so_uneven_shards_give_equal_steps(demo_shards, ta
         assert batches[-1]["epoch"] > 3
 
 
-def test_skip_batches_resumes_exactly_where_the_run_stopped(demo_shards, targets):
+@pytest.mark.parametrize("skip", [4, 5])
+def test_skip_batches_resumes_exactly_where_the_run_stopped(demo_shards, targets, skip):
     shards = split_shards(demo_shards["shards"], "train")
-    full = [b["ids"] for _, b in zip(range(9), train_loader(stream(shards, targets, 1, 2), num_workers=2),
+    full = [b["ids"] for _, b in zip(range(skip + 5), train_loader(stream(shards, targets, 1, 2), num_workers=2),
                                       strict=False)]
-    resumed = [b["ids"] for _, b in zip(range(5), train_loader(stream(shards, targets, 1, 2, skip_batches=4),
+    resumed = [b["ids"] for _, b in zip(range(5), train_loader(stream(shards, targets, 1, 2, skip_batches=skip),
                                                                num_workers=2), strict=False)]
-    assert resumed == full[4:9]
+    assert resumed == full[skip:]
+
+
+def rank_batches(s: ShardStream, workers: int):
+    """A rank's batches as DataLoader delivers them: whole batches from its workers in turn."""
+    gens = [s.worker_stream(w, workers) for w in range(workers)]
+    for i in itertools.count():
+        yield collate([next(gens[i % workers]) for _ in range(s.batch_size)])
+
+
+def run_ranks(streams: list[ShardStream], workers: int, batches: int, seen: list) -> list[dict]:
+    """Take `batches` batches on every rank, recording (epoch, id); returns each rank's loader state."""
+    states = []
+    for s in streams:
+        consumed = Consumed(workers, s.plan.start_epoch)
+        for _, batch in zip(range(batches), rank_batches(s, workers), strict=False):
+            consumed.update(batch)
+            seen += zip(batch["epochs"], batch["ids"], strict=True)
+        states.append(loader_state(s.plan, consumed, world_size=len(streams), rank=s.rank, workers=workers))
+    return states
+
+
+@pytest.mark.parametrize("before, after", [((2, 2), (1, 1)), ((2, 2), (3, 2)), ((2, 1), (2, 3)), ((3, 2), (2, 2))],
+                         ids=lambda x: f"{x[0]}x{x[1]}")
+@pytest.mark.parametrize("batches_before", [3, 9, 13])
+def test_a_resume_on_other_ranks_or_workers_repeats_and_skips_no_sample(demo_shards, targets, before, after,
+                                                                        batches_before):
+    """Ranks x workers before and after; stopped mid-epoch (3, 9 batches) or with workers in two epochs (13)."""
+    shards = split_shards(demo_shards["shards"], "train")
+    ids, total = all_ids(shards), sum(s.samples for s in shards)
+    seen: list = []
+    states = run_ranks([stream(shards, targets, r, before[0]) for r in range(before[0])], before[1], batches_before,
+                       seen)
+    open_epochs = {e for e, _ in seen}
+    streams = []
+    for rank in range(after[0]):
+        plan, consumed, skip = resume_position(states, total, world_size=after[0], rank=rank, workers=after[1],
+                                               batches=batches_before)
+        assert skip == 0 and consumed.epochs == [plan.start_epoch] * after[1]
+        streams.append(stream(shards, targets, rank, after[0], plan=plan))
+    run_ranks(streams, after[1], 3 * total // (2 * after[0]), seen)
+    for epoch in range(max(open_epochs) + 2):  # the epochs cut by the stop, and the first one planned afresh
+        assert Counter(i for e, i in seen if e == epoch) == Counter(ids), f"epoch {epoch}"
+
+
+def test_a_resume_on_the_same_ranks_and_workers_replays_the_plan(demo_shards, targets):
+    shards = split_shards(demo_shards["shards"], "train")
+    total = sum(s.samples for s in shards)
+    states = run_ranks([stream(shards, targets, r, 2) for r in range(2)], 2, 7, [])
+    plan, consumed, skip = resume_position(states, total, world_size=2, rank=1, workers=2, batches=7)
+    assert skip == 7 and plan.start_epoch == 0 and not plan.excluded
+    assert [p.tolist() for p in (w["positions"] for w in consumed.state())] == \
+           [w["positions"].tolist() for w in states[1]["consumed"]]
+
+
+def test_a_replanned_run_resumes_exactly_on_the_same_ranks_again(demo_shards, targets):
+    """2x2 -> 1x2 after 9 batches, 5 batches on, stopped again: the next resume replays the new plan exactly."""
+    shards = split_shards(demo_shards["shards"], "train")
+    total = sum(s.samples for s in shards)
+    states = run_ranks([stream(shards, targets, r, 2) for r in range(2)], 2, 9, [])
+    plan, _, _ = resume_position(states, total, world_size=1, rank=0, workers=2, batches=9)
+    uninterrupted = [b["ids"] for _, b in zip(range(12), rank_batches(stream(shards, targets, 0, 1, plan=plan), 2),
+                                               strict=False)]
+    states = run_ranks([stream(shards, targets, 0, 1, plan=plan)], 2, 5, [])
+    plan2, _, skip = resume_position(states, total, world_size=1, rank=0, workers=2, batches=9 + 5)
+    assert skip == 5 and plan2.start_epoch == plan.start_epoch
+    assert all(np.array_equal(plan2.excluded[e], plan.excluded[e]) for e in plan.excluded)
+    resumed = [b["ids"] for _, b in zip(range(7), rank_batches(stream(shards, targets, 0, 1, plan=plan2,
+                                                                      skip_batches=skip), 2), strict=False)]
+    assert resumed == uninterrupted[5:]
+
+
+def test_a_sample_missing_a_part_is_reported_not_silently_lost(tmp_path):
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("a.mel.npy", "a.json", "b.json", "c.mel.npy", "c.json"):  # b has no features
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    from launcher.data import BadData
+
+    got = []
+    with pytest.raises(BadData, match="gave 2 of the 3 samples") as e:
+        for _, key, _, _ in read_samples(shard, range(3)):
+            got.append(key)
+    assert got == ["a", "c"] and e.value.skipped == 1
 
 
 def test_collate_pads_features_to_3000_frames_and_labels_with_minus_100(demo_shards, targets):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -67,19 +66,6 @@ def test_final_model_loads_with_from_pretrained_and_transcribes(zero2_run):
     assert processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
 
 
-def test_zero3_on_two_ranks_trains_and_gathers_a_full_final_model(tiny_model, demo_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET, "deepspeed.zero_stage=3",
-                           "optim.max_steps=30", "checkpoint.every_steps=0", "logging.every_steps=5"))
-    log = read_log(run_dir)
-    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
-    final = WhisperForConditionalGeneration.from_pretrained(run_dir / "final")
-    initial = WhisperForConditionalGeneration.from_pretrained(tiny_model)
-    for (name, p), (_, q) in zip(final.state_dict().items(), initial.state_dict().items(), strict=True):
-        assert p.shape == q.shape, name  # gathered, not a ZeRO-3 partition
-    assert any(not torch.equal(p, q) for p, q in zip(final.parameters(), initial.parameters(), strict=True))
-
-
 def test_two_nodes_on_loopback_with_no_ssh_and_node_rank(tiny_model, demo_shards, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
@@ -109,27 +95,6 @@ def test_uneven_shards_over_several_epochs_end_on_every_rank(tiny_model, demo_sh
                            "checkpoint.every_steps=0", "logging.every_steps=10"), timeout=300)
     log = read_log(run_dir)
     assert log[-1]["step"] == 40 and log[-1]["epoch"] >= 4
-
-
-def test_resume_continues_from_the_last_checkpoint(zero2_run, tmp_path):
-    """Drop the final checkpoint, point `latest` at step 30, resume: steps 31..60 are trained again and end
-    where the uninterrupted run ended."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(zero2_run, run_dir)
-    shutil.rmtree(run_dir / "checkpoints" / "step-60")
-    (run_dir / "checkpoints" / "latest").write_text("step-30")
-    reference = read_log(zero2_run)
-    (run_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference if r["step"] <= 30))
-    used = yaml.safe_load((zero2_run / "recipe.yaml").read_text())
-    proc = run_training(overrides(Path(used["model"]["name_or_path"]), Path(used["data"]["shards"]), run_dir,
-                                  *SMALL_FIXED_SET, "optim.max_steps=60", "checkpoint.every_steps=30",
-                                  "logging.every_steps=5"),
-                        extra=("--resume",))
-    assert "resumed from step 30" in proc.stdout + proc.stderr
-    resumed = read_log(run_dir)
-    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
-    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=1e-5)
-
 
 
 def test_periodic_eval_under_zero3_keeps_the_best_by_wer_and_cards_the_final_model(tiny_model, demo_shards,
