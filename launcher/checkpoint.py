@@ -133,6 +133,8 @@ def to_universal(point: ResumePoint) -> str:
     if dist.get_rank() == 0 and not out.is_dir():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        print(f"--resume: {src} was written by {point.world_size} ranks; converting it once for "
+              f"{dist.get_world_size()} (DeepSpeed universal checkpoint, into {out})", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                str(src), "--output_folder", str(tmp), "--num_extract_workers", "2",
                                "--num_merge_workers", "1"], capture_output=True, text=True)
