@@ -2,8 +2,9 @@
 """Training-loader throughput per worker, against what one GPU consumes.
 
 Measured: `launcher.data.train_loader` over `launcher.data.ShardStream`, exactly as `launcher.train` builds them
-(rank 0 of 1, shuffled, sha256 verified once per worker, labels tokenised by `launcher.data.Targets`, features
-padded to 3000 frames in `launcher.data.collate` inside the workers, pinned on a GPU machine), reading real shards:
+(rank 0 of 1, shuffled, sha256 verified once per worker, labels made by `launcher.data.LabelEncoder`, the stored
+float16 frames stacked to the batch's longest clip by `launcher.data.collate` inside the workers, pinned on a GPU
+machine; the padding to Whisper's 3000 frames is done later, on the device, by the training step), reading real shards:
 `--shards DIR`, or by default the bundled French corpus sharded into a temporary folder with
 `launcher.shard.shard_corpus`. The tokenizer is the tiny model's (`launcher.tiny_model.build_tiny_whisper`, built
 in a temporary folder; Whisper's own BPE tokenises at a similar speed).
@@ -36,8 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from launcher.demo import DEMO_CORPUS  # noqa: E402
+
 TRAIN_RESULT = REPO / "bench" / "results" / "train_throughput.json"
-DEMO_CORPUS = REPO / "assets" / "demo_corpus" / "fr"
 
 
 def gpu_consumption(args) -> tuple[float, str, int | None]:
@@ -55,10 +57,10 @@ def gpu_consumption(args) -> tuple[float, str, int | None]:
 
 
 def shard_demo(out: Path, n_mels: int) -> Path:
-    from launcher.shard import Settings, shard_corpus
+    from launcher.shard import ShardSettings, shard_corpus
     from launcher.sources.common_voice import CommonVoiceRelease
 
-    shard_corpus(CommonVoiceRelease(DEMO_CORPUS, "fr"), out, Settings(n_mels, 2_000_000, "fr"), workers=0)
+    shard_corpus(CommonVoiceRelease(DEMO_CORPUS, "fr"), out, ShardSettings(n_mels, 2_000_000, "fr"), workers=0)
     return out
 
 
@@ -76,7 +78,7 @@ def measure(stream, workers: int, seconds: float, pin: bool) -> dict:
         samples += len(batch["ids"])
         batches += 1
     elapsed = time.perf_counter() - first
-    shape = list(batch["input_features"].shape)
+    shape = list(batch["features"].shape)
     del it  # shuts the workers down
     rate = samples / elapsed
     return {"workers": workers, "startup_s": first - start, "batches": batches, "samples": samples,
@@ -106,8 +108,8 @@ def main() -> None:
     import torch
     from transformers import WhisperTokenizer
 
-    from launcher.data import ShardStream, Targets, split_shards
-    from launcher.index import load_index
+    from launcher.data import LabelEncoder, ShardStream, train_shards
+    from launcher.shards import load_index
     from launcher.tiny_model import build_tiny_whisper
 
     torch.set_num_threads(1)  # a worker is one thread (DataLoader gives each worker one), so is the main process
@@ -120,13 +122,13 @@ def main() -> None:
         if shards is None:
             shards = shard_demo(tmp / "shards", args.n_mels or train_n_mels or 80)
         index = load_index(shards)
-        language = args.language or index.get("source", {}).get("language") or "fr"
+        language = args.language or index.language or "fr"
         tokenizer = WhisperTokenizer.from_pretrained(build_tiny_whisper(tmp / "tiny"))
-        targets = Targets(tokenizer, language, "transcribe", normalize=False)
-        split = index["splits"][args.split]
+        labels = LabelEncoder(tokenizer, language, "transcribe", normalize=False)
+        split = index.data["splits"][args.split]
         rows = []
         for workers in worker_counts:
-            stream = ShardStream(split_shards(shards, args.split), targets, rank=0, world_size=1, seed=0, shuffle=True,
+            stream = ShardStream(train_shards(index, args.split), labels, rank=0, world_size=1, seed=0, shuffle=True,
                                  shuffle_buffer=args.shuffle_buffer, batch_size=args.batch, verify=True)
             row = measure(stream, workers, args.seconds, pin)
             row["ratio_vs_one_gpu"] = row["samples_per_s"] / gpu_rate
@@ -141,7 +143,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "pin_memory": pin,
         "shards": str(args.shards or f"bundled corpus {DEMO_CORPUS.relative_to(REPO)}, sharded now"),
         "split": args.split, "samples_in_split": split["samples"], "mean_clip_seconds": split["seconds"] /
-        split["samples"], "n_mels": index["features"].get("n_mels"), "batch": args.batch, "rows": rows,
+        split["samples"], "n_mels": index.n_mels, "batch": args.batch, "rows": rows,
         "gpu_samples_per_s": gpu_rate, "gpu_source": gpu_source, "projection_from_workers": widest["workers"],
         "samples_per_s_per_worker_for_projection": best,
         "node_workers": args.node_workers, "projected_ratio_vs_one_gpu": projected / gpu_rate,

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from launcher import audio  # noqa: E402
-from launcher.shard import Settings, shard_corpus  # noqa: E402
+from launcher.shard import ShardSettings, shard_corpus  # noqa: E402
 from launcher.sources.common_voice import CommonVoiceRelease  # noqa: E402
 
 SYNTH = REPO.parent / "shared" / "tools" / "synth_cv_corpus.py"
@@ -58,7 +58,7 @@ def measure(fn) -> tuple[float, float, object]:
 
 def project_path(corpus: Path, lang: str, out: Path, n_mels: int, workers: int) -> dict:
     source = CommonVoiceRelease(corpus, lang)
-    settings = Settings(n_mels=n_mels, shard_bytes=256_000_000, language=lang)
+    settings = ShardSettings(n_mels=n_mels, shard_bytes=256_000_000, language=lang)
     cpu, wall, index = measure(lambda: shard_corpus(source, out, settings, workers=workers, overwrite=True))
     if workers > 0:
         cpu = wall * workers  # every core busy for the whole run: the workers' own CPU is out of reach
@@ -84,7 +84,7 @@ def event_path(corpus: Path, lang: str, cache: Path, n_mels: int) -> dict:
     extractor = WhisperFeatureExtractor(feature_size=n_mels)
 
     def prepare(batch):
-        pcm = audio.decode(Path(batch["path"]).read_bytes())  # stands in for Audio(sampling_rate=16000)
+        pcm = audio.decode_audio(Path(batch["path"]).read_bytes())  # stands in for Audio(sampling_rate=16000)
         batch["input_features"] = extractor(pcm, sampling_rate=16000).input_features[0]
         batch["seconds"] = len(pcm) / 16000
         return batch

@@ -24,7 +24,7 @@ class AudioError(Exception):
         self.detail = detail
 
 
-def decode(data: bytes, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
+def decode_audio(data: bytes, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Encoded audio bytes -> mono float32 at `sampling_rate`. Raises AudioError with a drop reason."""
     if not data:
         raise AudioError("empty_audio", "the file is empty (0 bytes)")

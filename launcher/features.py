@@ -98,12 +98,35 @@ def pad_value(stored_max: float) -> float:
     return max((LOG_FLOOR + 4.0) / 4.0, stored_max - DYNAMIC_RANGE / 4.0)
 
 
+def stack_features(mels: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpadded log-mels -> ([batch, n_mels, longest] in their dtype (float16 from shards), frames per clip,
+    float32 pad value per clip).
+
+    What a batch carries from the loader to the device: the stored float16 frames only (a 5 s clip is a sixth of
+    its padded window, and half the bytes of float32); `pad_batch` makes the 30 s window there."""
+    mels = [torch.as_tensor(m) for m in mels]
+    longest = max(m.shape[-1] for m in mels)
+    if longest > N_FRAMES:
+        raise ValueError(f"features have {longest} frames, more than the {N_FRAMES} of Whisper's window")
+    out = torch.zeros((len(mels), mels[0].shape[0], longest), dtype=mels[0].dtype)
+    for i, m in enumerate(mels):
+        out[i, :, : m.shape[-1]] = m
+    frames = torch.tensor([m.shape[-1] for m in mels], dtype=torch.int64)
+    pads = torch.tensor([pad_value(float(m.float().max())) for m in mels], dtype=torch.float32)
+    return out, frames, pads
+
+
+def pad_batch(features: torch.Tensor, frames: torch.Tensor, pads: torch.Tensor, dtype: torch.dtype = torch.float32,
+              window: int = N_FRAMES) -> torch.Tensor:
+    """`stack_features`' output -> [batch, n_mels, window] in `dtype`, on the tensors' device: each clip's frames,
+    then its pad value, exactly as Whisper's zero-padded 30 s window gives (the feature extractor's output)."""
+    batch, n_mels, longest = features.shape
+    out = pads.to(dtype)[:, None, None].expand(batch, n_mels, window).clone()
+    stored = torch.arange(longest, device=features.device)[None, None, :] < frames.to(features.device)[:, None, None]
+    out[:, :, :longest] = torch.where(stored, features.to(dtype), out[:, :, :longest])
+    return out
+
+
 def pad_features(mel: torch.Tensor | np.ndarray, frames: int = N_FRAMES) -> torch.Tensor:
     """Pad one unpadded log-mel [n_mels, t] to [n_mels, frames] float32, as Whisper's 30 s window gives."""
-    mel = torch.as_tensor(mel).float()
-    t = mel.shape[-1]
-    if t > frames:
-        raise ValueError(f"features have {t} frames, more than the {frames} of Whisper's window")
-    out = torch.full((mel.shape[0], frames), pad_value(float(mel.max())), dtype=torch.float32)
-    out[:, :t] = mel
-    return out
+    return pad_batch(*stack_features([mel]), window=frames)[0]

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 import time
@@ -33,19 +32,29 @@ from rich.progress import Progress
 
 from launcher import audio, features
 from launcher.errors import LauncherError
-from launcher.index import DROPPED_FILE, FORMAT, INDEX_FILE, sha256_file, verify_shard
+from launcher.shards import (
+    DROPPED_FILE,
+    FORMAT,
+    INDEX_FILE,
+    MEL,
+    META,
+    Shard,
+    features_entry,
+    sample_key,
+    sha256_file,
+    write_index,
+)
 from launcher.sources import SPLITS, Clip, Source
 from launcher.text import clean_transcript
 
 WRITE_ORDER = ("test", "validation", "train")
 TAR_BLOCK = 512
-TAR_RECORD = 20 * TAR_BLOCK
 CHUNK = 8  # clips per task sent to a worker: amortises inter-process overhead, keeps order cheap
 INFLIGHT_PER_WORKER = 4  # chunks queued per worker: bounded memory however large the corpus
 
 
 @dataclass(frozen=True)
-class Settings:
+class ShardSettings:
     """What determines the shards' bytes: a rerun with other settings must not mix with these."""
 
     n_mels: int
@@ -62,19 +71,28 @@ class Drop:
     detail: str
 
 
-def sample_key(clip_id: str) -> str:
-    """A WebDataset key for an id: no dots (they start the extension) and no path separators. Ids that need
-    changing get a short hash of the original, so distinct ids never share a key."""
-    safe = re.sub(r"[^A-Za-z0-9_-]", "_", clip_id)
-    return safe if safe == clip_id else f"{safe}-{hashlib.sha1(clip_id.encode()).hexdigest()[:8]}"
-
-
 # ---- worker side -----------------------------------------------------------------------------------------
 
-def _init_worker() -> None:
+def _init_worker(parent_alive=None) -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(1)  # one process per core; intra-op threads would only contend
+    if parent_alive is not None:
+        # `parent_alive` is the read end of a pipe whose only write end is in the main process: it reads EOF
+        # when that process is gone, even SIGKILLed. Nothing else would stop this worker then: it would wait
+        # forever on the call queue (every worker holds that pipe's write end too), its parent is the forkserver
+        # (which waits for its own alive pipe, held open by the workers) and the resource tracker waits for the
+        # workers. Exiting here lets all of them go: see _Pool.
+        def watch() -> None:
+            try:
+                parent_alive.recv_bytes()
+            except (EOFError, OSError):
+                pass
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def featurize(task: tuple[int, str, str, str, bytes, int, str]) -> tuple:
@@ -82,7 +100,7 @@ def featurize(task: tuple[int, str, str, str, bytes, int, str]) -> tuple:
     or ("drop", item, id, reason, detail)."""
     item, cid, origin, text, data, n_mels, lang = task
     try:
-        samples = audio.decode(data)
+        samples = audio.decode_audio(data)
     except audio.AudioError as e:
         return ("drop", item, cid, e.reason, f"{origin}: {e.detail}")
     seconds = len(samples) / features.SAMPLE_RATE
@@ -179,7 +197,8 @@ class Journal:
         kept, bad = [], 0
         for rec in lines[1:]:
             shard = rec.get("shard")
-            if shard is not None and verify_shard(self.out, shard) is not None:
+            if shard is not None and Shard(self.out / shard["path"], shard["samples"], bytes=shard["bytes"],
+                                           sha256=shard["sha256"]).problem() is not None:
                 bad = 1
                 break
             kept.append(rec)
@@ -266,7 +285,13 @@ class _Pool:
             # N imports, and nothing is forked from the main process and its progress-bar thread.
             ctx = get_context("forkserver")
             ctx.set_forkserver_preload([__name__])
-            self._ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
+            # If this process dies without shutting the pool down (SIGKILL, OOM killer), the workers see
+            # `_alive_r` at EOF and exit; then the forkserver and the resource tracker, which only wait for the
+            # last holder of their pipes, exit too. PR_SET_PDEATHSIG would not do: the workers' parent is the
+            # forkserver, which outlives this process for as long as any worker lives.
+            self._alive_r, self._alive_w = ctx.Pipe(duplex=False)  # nothing is ever sent
+            self._ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                           initargs=(self._alive_r,))
 
     def map(self, chunks: Iterator[list[tuple]]) -> Iterator[tuple]:
         if self._ex is None:
@@ -283,7 +308,10 @@ class _Pool:
 
     def shutdown(self) -> None:
         if self._ex is not None:
-            self._ex.shutdown(cancel_futures=True)
+            self._ex.shutdown(cancel_futures=True)  # waits for the workers: only then is the pipe closed
+            self._alive_w.close()
+            self._alive_r.close()
+            self._ex = None
 
 
 def _chunks(tasks: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
@@ -297,7 +325,7 @@ def _chunks(tasks: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
         yield chunk
 
 
-def shard_corpus(source: Source, out: Path, settings: Settings, *, workers: int, splits: list[str] | None = None,
+def shard_corpus(source: Source, out: Path, settings: ShardSettings, *, workers: int, splits: list[str] | None = None,
                  overwrite: bool = False, progress: Progress | None = None) -> dict:
     """Write the splits of `source` to `out` (resuming a run that stopped); returns the index written to
     out/index.json."""
@@ -333,7 +361,7 @@ def shard_corpus(source: Source, out: Path, settings: Settings, *, workers: int,
     return _write_index(out, header, journals)
 
 
-def _shard_split(source: Source, split: str, out: Path, settings: Settings, journal: Journal, dedup: _Dedup,
+def _shard_split(source: Source, split: str, out: Path, settings: ShardSettings, journal: Journal, dedup: _Dedup,
                  pool: _Pool, progress: Progress) -> None:
     """Shard one split from where its journal stopped. Clips before `journal.next_item` are in verified
     shards: they are only read for de-duplication, never decoded."""
@@ -364,7 +392,7 @@ def _shard_split(source: Source, split: str, out: Path, settings: Settings, jour
             drops.append(Drop(split, item, cid, *rest))
         else:
             mel, meta, seconds = rest
-            finished = writer.add(sample_key(cid), [("mel.npy", mel), ("json", meta)], seconds)
+            finished = writer.add(sample_key(cid), [(MEL, mel), (META, meta)], seconds)
             if finished:
                 _journal_shard(journal, finished, next_item, drops)
             audio_s += seconds
@@ -397,21 +425,29 @@ def _write_index(out: Path, header: dict, journals: dict[str, Journal]) -> dict:
         drops.extend(sorted(j.drops, key=lambda d: d.item))
     settings = header["settings"]
     index = {
-        "format": FORMAT,
-        "features": {"n_mels": settings["n_mels"], "sampling_rate": features.SAMPLE_RATE, "n_fft": features.N_FFT,
-                     "hop_length": features.HOP_LENGTH, "dtype": "float16", "frames": features.N_FRAMES,
-                     "padding": "unpadded; pad to frames with max(stored max - 2, -1.5)"},
+        "features": features_entry(settings["n_mels"]),
         "source": {**header["source"], "language": settings["language"]},
         "text": "source sentence, Unicode NFC, whitespace collapsed",
         "shard_bytes": settings["shard_bytes"],
         "splits": splits,
         "dropped": dict(sorted(Counter(d.reason for d in drops).items())),
     }
-    with open(out / DROPPED_FILE, "w", encoding="utf-8") as f:
-        for d in drops:
-            f.write(json.dumps({"id": d.id, "split": d.split, "reason": d.reason, "detail": d.detail},
-                               ensure_ascii=False) + "\n")
-    tmp = out / f"{INDEX_FILE}.tmp"
-    tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / INDEX_FILE)
+    write_index(out, index, [{"id": d.id, "split": d.split, "reason": d.reason, "detail": d.detail} for d in drops])
     return index
+
+
+def print_summary(console, out: Path, index: dict) -> None:
+    """The table `launcher shard` ends with: samples, hours, shards, MB and drops per split."""
+    from rich.table import Table
+
+    table = Table("split", "samples", "hours", "shards", "MB", "dropped", title=f"shards in {out}")
+    for name, split in index["splits"].items():
+        table.add_row(name, f"{split['samples']:,}", f"{split['seconds'] / 3600:.3f}", str(len(split["shards"])),
+                      f"{sum(s['bytes'] for s in split['shards']) / 1e6:.1f}", str(split["dropped"]))
+    console.print(table)
+    dropped = index["dropped"]
+    if dropped:
+        console.print(f"[yellow]dropped {sum(dropped.values())} clip(s)[/]: "
+                      + ", ".join(f"{reason} {n}" for reason, n in dropped.items())
+                      + f"; each is listed with its reason in {out / 'dropped.jsonl'}")
+    console.print(f"index: {out / 'index.json'}")

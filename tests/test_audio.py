@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from launcher.audio import AudioError, decode
+from launcher.audio import AudioError, decode_audio
 from tests.conftest import DEMO, demo_rows, tone
 
 
@@ -28,7 +28,7 @@ def dominant_hz(x: np.ndarray, rate: int = 16000) -> float:
     (48000, 1, "MP3", None), (16000, 1, "WAV", "PCM_16"),
 ])
 def test_any_rate_channels_and_container_become_16k_mono(rate, channels, fmt, subtype):
-    pcm = decode(encode(tone(2.0, rate, freq=440.0, channels=channels), rate, fmt, subtype))
+    pcm = decode_audio(encode(tone(2.0, rate, freq=440.0, channels=channels), rate, fmt, subtype))
     assert pcm.dtype == np.float32 and pcm.ndim == 1
     assert abs(len(pcm) - 32000) <= 0.03 * 32000  # lossy codecs add a little priming/padding
     assert dominant_hz(pcm) == pytest.approx(440.0, abs=2.0)
@@ -36,12 +36,12 @@ def test_any_rate_channels_and_container_become_16k_mono(rate, channels, fmt, su
 
 def test_channels_are_averaged():
     left = tone(1.0, 16000)
-    pcm = decode(encode(np.stack([left, -left], axis=1), 16000, "WAV", "FLOAT"))
+    pcm = decode_audio(encode(np.stack([left, -left], axis=1), 16000, "WAV", "FLOAT"))
     assert np.abs(pcm).max() < 1e-6
 
 
 def test_real_common_voice_style_mp3_decodes_to_speech():
-    pcm = decode((DEMO / "clips" / demo_rows()[0]["path"]).read_bytes())
+    pcm = decode_audio((DEMO / "clips" / demo_rows()[0]["path"]).read_bytes())
     assert 0.5 < len(pcm) / 16000 < 10 and 0.01 < np.abs(pcm).max() <= 1.0
 
 
@@ -51,5 +51,5 @@ def test_real_common_voice_style_mp3_decodes_to_speech():
 ])
 def test_bad_bytes_raise_with_a_drop_reason(data, reason):
     with pytest.raises(AudioError) as e:
-        decode(data)
+        decode_audio(data)
     assert e.value.reason == reason

@@ -13,7 +13,7 @@ from tests.conftest import DEMO, demo_rows
 
 def speech(seconds: float) -> np.ndarray:
     """Real speech (bundled espeak-ng clips, decoded from MP3 at 48 kHz), concatenated to length."""
-    pcm = np.concatenate([audio.decode((DEMO / "clips" / r["path"]).read_bytes()) for r in demo_rows()[:12]])
+    pcm = np.concatenate([audio.decode_audio((DEMO / "clips" / r["path"]).read_bytes()) for r in demo_rows()[:12]])
     reps = int(np.ceil(seconds * features.SAMPLE_RATE / len(pcm)))
     return np.tile(pcm, reps)[: int(seconds * features.SAMPLE_RATE)]
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import webdataset as wds
 
 from launcher import audio, features
 from launcher.text import clean_transcript
-from tests.conftest import DEMO, REPO, demo_rows, run_cli, write_tsv
+from tests.conftest import REPO, run_cli
 
 EXPECTED_DROPS = {"bad_tsv_row": 1, "duplicate": 2, "empty_audio": 1, "empty_text": 1, "missing_audio": 1,
                   "too_long": 1, "unreadable_audio": 1}
@@ -66,7 +65,7 @@ def test_cv_release_with_broken_clips_gives_correct_index_and_reports_every_drop
             meta = json.loads(s["json"])
             mel = np.load(io.BytesIO(s["mel.npy"]), allow_pickle=False)
             assert mel.dtype == np.float16 and mel.shape[0] == 80
-            pcm = audio.decode((cv_release / "clips" / next(cv_release.glob(f"clips/{meta['id']}.*")).name)
+            pcm = audio.decode_audio((cv_release / "clips" / next(cv_release.glob(f"clips/{meta['id']}.*")).name)
                                .read_bytes())
             assert mel.shape[1] == features.n_frames(len(pcm))
             np.testing.assert_array_equal(mel, features.log_mel_spectrogram(pcm).astype(np.float16))
@@ -88,23 +87,6 @@ def test_same_input_gives_byte_identical_shards_whatever_the_worker_count(cv_rel
     index_a = json.loads((tmp_path / "a" / "index.json").read_text())
     index_b = json.loads((tmp_path / "b" / "index.json").read_text())
     assert index_a["splits"] == index_b["splits"]
-
-
-@pytest.fixture
-def bigger_corpus(tmp_path) -> Path:
-    """~150 distinct real-speech clips (demo clips at several gains), so a run takes a few seconds."""
-    root = tmp_path / "big"
-    (root / "clips").mkdir(parents=True)
-    rows = []
-    for gain_i, gain in enumerate((1.0, 0.9, 0.8, 0.7)):
-        for r in demo_rows():
-            pcm, rate = sf.read(DEMO / "clips" / r["path"], dtype="float32")
-            name = f"g{gain_i}_{r['path'].replace('.mp3', '.wav')}"
-            sf.write(root / "clips" / name, pcm * gain, rate)
-            rows.append({"path": name, "sentence": r["sentence"]})
-    write_tsv(root / "train.tsv", rows)
-    write_tsv(root / "test.tsv", [])
-    return root
 
 
 def test_rerun_after_sigkill_resumes_and_matches_an_uninterrupted_run(bigger_corpus, tmp_path):
