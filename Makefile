@@ -7,11 +7,17 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch first, pinned: an unpinned torch (asked for by deepspeed or accelerate) pulls gigabytes of CUDA wheels.
+# Where torch 2.13.0 comes from. Empty (the default): as pip resolves `torch==2.13.0` from the package index. On the
+# project's CI machines that is a local CPU build; on a GPU node, PyPI's default build for CUDA 13, which needs an
+# NVIDIA driver >= 580. For an older driver pick the CUDA build it runs (README, "Set-up on a GPU node"), e.g.
+#   make clean setup TORCH_INDEX=https://download.pytorch.org/whl/cu126
+TORCH_INDEX ?=
+
+# torch first, pinned: an unpinned torch (asked for by deepspeed) would pull whatever build pip picks.
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 

@@ -1,22 +1,31 @@
 """`python -m launcher launch`: hostfile checks, the command line of every mode, .deepspeed_env and its secrets,
-failure advice. Fast: nothing here starts DeepSpeed except the one `slow` loopback rendezvous at the end."""
+the SLURM stop signal, failure advice. Fast: nothing here starts DeepSpeed except the `slow` tests at the end (a
+loopback rendezvous, a real training next to a held port 29500)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shlex
+import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from launcher.errors import LauncherError
 from launcher.launch import (
+    DEFAULT_MASTER_PORT,
+    STOP_FILE,
+    FailureContext,
     env_with_file,
     explain_launch_failure,
+    free_port,
     installed_runner_flags,
     is_propagated,
     parse_hostfile,
@@ -25,7 +34,9 @@ from launcher.launch import (
     update_env_file,
     world_size,
 )
-from tests.conftest import REPO, cpu_env, free_port
+from launcher.launch.advice import recipe_memory_note
+from launcher.recipe import load_recipe, memory_estimate
+from tests.conftest import REPO, cpu_env, read_log
 
 RECIPE = str(REPO / "recipes" / "tiny_demo.yaml")
 TWO_NODES = str(REPO / "hostfiles" / "two_nodes.txt")
@@ -48,15 +59,26 @@ def commands(stdout: str) -> list[list[str]]:
     return [shlex.split(line) for line in stdout.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def train_start(argv: list[str]) -> int:
+    """Where the training part starts: at `train_ds.py`, or at the module after DeepSpeed's `--module` flag."""
+    for i, arg in enumerate(argv):
+        if arg == "--module":
+            return i + 1
+        if arg.endswith("train_ds.py"):
+            return i
+    raise AssertionError(f"neither train_ds.py nor --module in {argv}")
+
+
 def flag(argv: list[str], name: str) -> str:
     """The value after `name`, looked for only among the launcher's options (before the training script)."""
-    launcher_part = argv[:next(i for i, a in enumerate(argv) if a.endswith("train_ds.py"))]
+    launcher_part = argv[:train_start(argv)]
     assert name in launcher_part, f"{name} missing from {argv}"
     return launcher_part[launcher_part.index(name) + 1]
 
 
 def train_part(argv: list[str]) -> list[str]:
-    return argv[next(i for i, a in enumerate(argv) if a.endswith("train_ds.py")):]
+    """`train_ds.py ARGS` or `launcher.train ARGS` (the module that `--module` names)."""
+    return argv[train_start(argv):]
 
 
 # ------------------------------------------------------------------------------------------------- hostfiles
@@ -112,17 +134,39 @@ def test_single_from_the_repository_root():
                   "data.batch_size_per_gpu=2", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     [argv] = commands(proc.stdout)
-    assert argv == ["deepspeed", "--num_gpus", "8", "train_ds.py", "--recipe", "recipes/tiny_demo.yaml", "--resume",
-                    "--set", "optim.lr=1e-5", "data.batch_size_per_gpu=2"]
+    port = argv[4]
+    assert argv == ["deepspeed", "--num_gpus", "8", "--master_port", port, "train_ds.py", "--recipe",
+                    "recipes/tiny_demo.yaml", "--resume", "--set", "optim.lr=1e-5", "data.batch_size_per_gpu=2"]
     assert "deepspeed_env" not in proc.stderr  # one node: nothing to propagate
 
 
-def test_single_elsewhere_uses_the_absolute_script_and_master_port(tmp_path):
-    proc = launch("--recipe", RECIPE, "--num-gpus", "2", "--master-port", "29777", cwd=tmp_path)
+def test_single_picks_a_free_master_port_not_29500():
+    """DeepSpeed's default 29500 makes a second job on the machine fail with EADDRINUSE: single mode without
+    --master-port picks a port that nothing listens on (the kernel's choice, so it varies between calls)."""
+    proc = launch("--recipe", "recipes/tiny_demo.yaml", "--num-gpus", "1", cwd=REPO)
+    port = int(flag(commands(proc.stdout)[0], "--master_port"))
+    assert port != DEFAULT_MASTER_PORT
+    with socket.create_server(("", port)):  # nothing listens there (unless another program took it meanwhile)
+        pass
+
+
+def test_single_elsewhere_runs_the_module_with_the_given_master_port(tmp_path):
+    """Without train_ds.py in the current folder, every rank runs `python -u -m launcher.train` (DeepSpeed's
+    --module, the runner's last option before the module): no path into a checkout is needed."""
+    assert not (tmp_path / "train_ds.py").exists()
+    proc = launch("--recipe", RECIPE, "--num-gpus", "2", "--master-port", "29777", "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     [argv] = commands(proc.stdout)
-    assert argv[:5] == ["deepspeed", "--num_gpus", "2", "--master_port", "29777"]
-    assert argv[5] == str(REPO / "train_ds.py") and Path(argv[5]).is_file()
+    assert argv == ["deepspeed", "--num_gpus", "2", "--master_port", "29777", "--module", "launcher.train",
+                    "--recipe", RECIPE, "--resume"]
     assert not (tmp_path / ".deepspeed_env").exists()
+
+
+def test_a_train_ds_py_in_the_current_folder_is_used_as_is(tmp_path):
+    (tmp_path / "train_ds.py").write_text("")
+    proc = launch("--recipe", RECIPE, "--mode", "per-node", "--hostfile", TWO_NODES, "--node-rank", "0", cwd=tmp_path)
+    [argv] = commands(proc.stdout)
+    assert "--module" not in argv and train_part(argv) == ["train_ds.py", "--recipe", RECIPE]
 
 
 def test_hostfile_mode_defaults_master_to_the_first_host(tmp_path):
@@ -153,6 +197,7 @@ def test_per_node_prints_one_command_per_node(tmp_path):
     assert len(argvs) == 2
     for rank, argv in enumerate(argvs):
         assert "--no_ssh" in argv[:argv.index("--node_rank")]
+        assert argv[train_start(argv) - 2:train_start(argv) + 1] == ["29555", "--module", "launcher.train"]
         assert flag(argv, "--node_rank") == str(rank)
         assert (flag(argv, "--hostfile"), flag(argv, "--master_addr"), flag(argv, "--master_port")) == \
             (TWO_NODES, "gpu-node-1", "29555")
@@ -203,11 +248,57 @@ def test_slurm_script_header_and_srun_line(tmp_path):
                  "#SBATCH --partition=gpu", "#SBATCH --time=24:00:00", f"cd {tmp_path}",
                  'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'):
         assert line in script.splitlines() or line in script
-    srun = shlex.split(next(line for line in script.splitlines() if line.startswith("srun ")))
+    lines = script.splitlines()
+    srun_line = next(line for line in lines if line.startswith("srun "))
+    srun = shlex.split(srun_line)
     inner = shlex.split(srun[srun.index("-c") + 1], posix=True)
     assert inner[:4] == ["deepspeed", "--hostfile", "$HOSTFILE", "--no_ssh"]
     assert flag(inner, "--node_rank") == "$SLURM_NODEID" and flag(inner, "--master_addr") == "$MASTER_ADDR"
-    assert train_part(inner)[1:] == ["--recipe", RECIPE, "--set", "optim.lr=2e-5"]
+    assert train_part(inner) == ["launcher.train", "--recipe", RECIPE, "--set", "optim.lr=2e-5"]
+    assert inner[train_start(inner) - 1] == "--module"  # no train_ds.py in tmp_path
+
+
+def test_slurm_script_traps_the_early_term_and_waits_for_srun(tmp_path):
+    script = slurm_script(tmp_path)
+    lines = script.splitlines()
+    assert "#SBATCH --signal=B:TERM@300" in lines  # to the batch shell only, 300 s before --time runs out
+    assert f"STOP_FILE={Path('runs/demo/run') / STOP_FILE}" in lines  # tiny_demo.yaml's output_dir
+    srun_index = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    assert lines.index("trap request_stop TERM") < srun_index and lines[srun_index].endswith(" &")
+    assert any(line.strip() == 'wait "$SRUN_PID" && status=0 || status=$?' for line in lines[srun_index:])
+    assert not any("kill" in line and "SRUN_PID" in line and "-0" not in line for line in lines)  # never forwarded
+
+
+def test_slurm_sigterm_creates_the_stop_file_and_waits_for_srun(tmp_path):
+    """Run the script for real with stand-ins for scontrol and srun, and send SIGTERM to the bash process, as
+    `--signal=B:TERM` does: the trap must create <output_dir>/STOP (the override's path, relative to the job's
+    folder, quoted), srun must not get the signal, and the script must wait until srun has finished (the ranks
+    saving their checkpoint) and exit with srun's status rather than the interrupted wait's 143."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\n'\n")
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\ntrap 'echo TERM >> srun.log' TERM\necho started >> srun.log\n"
+        'for _ in $(seq 300); do [ -e "$EXPECTED_STOP" ] && break; sleep 0.1; done\n'
+        '[ -e "$EXPECTED_STOP" ] || exit 3\nsleep 1\necho finished >> srun.log\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    (tmp_path / "job.sbatch").write_text(slurm_script(tmp_path, "--set", "output_dir=my runs/it's"))
+    stop = tmp_path / "my runs" / "it's" / STOP_FILE
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-a", SLURM_JOB_ID="7",
+                    EXPECTED_STOP=str(stop))
+    proc = subprocess.Popen(["bash", "job.sbatch"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "srun.log"
+    deadline = time.monotonic() + 30
+    while not (log.is_file() and "started" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not stop.exists()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert stop.is_file() and "SIGTERM: asking the ranks to save a checkpoint and stop" in stderr
+    assert log.read_text().splitlines() == ["started", "finished"]  # srun ended first, and never saw the TERM
 
 
 def test_slurm_script_runs_one_launcher_per_node(tmp_path):
@@ -307,7 +398,7 @@ def test_installed_deepspeed_runner_has_the_flags_the_commands_use():
     flags = installed_runner_flags()
     assert flags is not None, "DeepSpeed is a dependency of this project"
     assert {"--no_ssh", "--node_rank", "--master_addr", "--master_port", "--hostfile", "--num_gpus", "--launcher",
-            "--log_level"} <= flags
+            "--log_level", "--module"} <= flags
 
 
 # ------------------------------------------------------------------------------------------------------- --run
@@ -320,12 +411,26 @@ def fake_deepspeed(tmp_path: Path, body: str) -> dict[str, str]:
     return clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
 
 
-def test_per_node_run_adds_the_env_file_variables_the_node_lacks(tmp_path):
+@pytest.fixture(scope="module")
+def runnable(tiny_model, demo_shards) -> tuple[str, ...]:
+    """--set values that make the demo recipe pass `launch --run`'s preflight (a model and shards that exist)."""
+    return ("--set", f"model.name_or_path={tiny_model}", f"data.shards={demo_shards['shards']}")
+
+
+def test_run_stops_on_a_failed_preflight_before_starting_anything(tmp_path):
+    env = fake_deepspeed(tmp_path, "echo STARTED")
+    proc = launch("--recipe", RECIPE, "--num-gpus", "1", "--run", "--set", f"model.name_or_path={tmp_path / 'nope'}",
+                  cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "STARTED" not in proc.stdout
+    assert "FAIL" in proc.stderr and "the preflight failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_per_node_run_adds_the_env_file_variables_the_node_lacks(tmp_path, runnable):
     (tmp_path / ".deepspeed_env").write_text("HF_TOKEN=from_node0\nHF_HOME=/shared/hf\n")
     env = fake_deepspeed(tmp_path, 'echo "ARGS $*"; echo "GOT ${HF_TOKEN:-none} ${HF_HOME:-none}"')
     env["HF_HOME"] = "/local/hf"
     proc = launch("--recipe", RECIPE, "--mode", "per-node", "--hostfile", LOOPBACK, "--node-rank", "1", "--run",
-                  cwd=tmp_path, env=env)
+                  *runnable, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(proc.stdout.splitlines()[0].removeprefix("ARGS "))
     assert flag(argv, "--node_rank") == "1" and flag(argv, "--master_addr") == "localhost"
@@ -333,14 +438,32 @@ def test_per_node_run_adds_the_env_file_variables_the_node_lacks(tmp_path):
     assert "from_node0" not in proc.stderr
 
 
-def test_run_explains_a_known_failure(tmp_path):
+def test_run_explains_a_known_failure(tmp_path, runnable):
     env = fake_deepspeed(tmp_path, "echo 'torch.distributed.DistNetworkError: ... port: 29123, useIpv6: false, "
                                    "code: -98, name: EADDRINUSE, message: address already in use' >&2; exit 1")
-    proc = launch("--recipe", RECIPE, "--num-gpus", "1", "--master-port", "29123", "--run", cwd=tmp_path, env=env)
+    proc = launch("--recipe", RECIPE, "--num-gpus", "1", "--master-port", "29123", "--run", *runnable, cwd=tmp_path,
+                  env=env)
     assert proc.returncode == 1
     assert "EADDRINUSE" in proc.stderr  # the child's own output is passed through
     assert "launch failed (exit 1): the master port is already in use" in proc.stderr
     assert "ss -ltnp | grep 29123" in proc.stderr
+
+
+def test_run_with_a_held_master_port_ends_with_one_line_of_port_advice(tmp_path, runnable):
+    """A stand-in for DeepSpeed binds the --master_port it is given, as rank 0's TCPStore does first, while this
+    test holds that port: the real `Address already in use` error, then one line naming the port."""
+    (tmp_path / "bind.py").write_text("import socket, sys\n"
+                                      "port = int(sys.argv[sys.argv.index('--master_port') + 1])\n"
+                                      "socket.create_server(('', port))\n")
+    env = fake_deepspeed(tmp_path, f'exec "{sys.executable}" "{tmp_path / "bind.py"}" "$@"')
+    with socket.create_server(("", 0)) as held:
+        port = held.getsockname()[1]
+        proc = launch("--recipe", RECIPE, "--num-gpus", "1", "--master-port", str(port), "--run", *runnable,
+                      cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and "OSError: [Errno 98] Address already in use" in proc.stderr
+    [advice] = [line for line in proc.stderr.splitlines() if line.startswith("launch failed")]
+    assert advice.startswith("launch failed (exit 1): the master port is already in use")
+    assert advice.endswith(f"`ss -ltnp | grep {port}`")  # the port from the plan: the error text has none
 
 
 def test_run_command_streams_output_and_returns_the_exit_code():
@@ -370,10 +493,67 @@ def test_run_command_streams_output_and_returns_the_exit_code():
     ("torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error",
      "NCCL_DEBUG=INFO"),
     ("RuntimeError: Unable to proceed, no GPU resources available", "DS_ACCELERATOR=cpu"),
+    # a hung or dead rank: NCCL's watchdog (logged by ProcessGroupNCCL, which the NCCL advice also matches), gloo's
+    ("[rank1]:[E626 06:24:44.903881913 ProcessGroupNCCL.cpp:616] [Rank 1] Watchdog caught collective operation "
+     "timeout: WorkNCCL(SeqNum=808, OpType=ALLREDUCE, NumelIn=9801523, NumelOut=9801523, Timeout(ms)=1800000) ran "
+     "for 1800020 milliseconds before timing out.\n[rank1]:[E626 06:24:44.906457629 ProcessGroupNCCL.cpp:1785] "
+     "[PG ID 0 PG GUID 0(default_pg) Rank 1] Exception (either an error or timeout) detected by watchdog at work: 808",
+     "deepspeed.timeout_minutes"),
+    ("[rank0]: RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed "
+     "out waiting 1800000ms for recv operation to complete", "continue from the last checkpoint with --resume"),
+    # a rank killed by SIGKILL (the OOM killer): DeepSpeed's launch.py, torchrun
+    ("[2025-06-26 06:24:44,903] [ERROR] [launch.py:259:sigkill_handler] ['/venv/bin/python', '-u', '-m', "
+     "'launcher.train', '--local_rank=3', '--recipe', 'recipes/large_fr.yaml'] exits with return code = -9",
+     "killed by the operating system (exit -9)"),
+    ("  exitcode  : -9 (pid: 4242)\n  error_file: <N/A>\n  traceback : Signal 9 (SIGKILL) received by PID 4242",
+     "most likely out of memory"),
 ])
 def test_explain_launch_failure(text, words):
     advice = explain_launch_failure(1, f"some log line\n{text}\nmore\n")
     assert advice is not None and words in advice and "\n" not in advice
+
+
+def test_a_rank_killed_for_memory_gets_the_estimate_and_what_to_lower():
+    """Once a rank is SIGKILLed the others fail too (NCCL errors, closed connections); the kill is the cause."""
+    output = ("[rank0]: RuntimeError: NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was "
+              "a network error\n[ERROR] [launch.py:259:sigkill_handler] ['python', '-u', 'train_ds.py', "
+              "'--local_rank=5'] exits with return code = -9\n")
+    estimate = "this recipe needs about 71.3 GiB per GPU at world size 8"
+    advice = explain_launch_failure(247, output, FailureContext(memory=estimate))
+    assert advice is not None and "\n" not in advice
+    assert advice.startswith("a rank was killed by the operating system (exit -9), most likely out of memory")
+    assert estimate in advice
+    for knob in ("data.batch_size_per_gpu", "optim.grad_accum", "model.gradient_checkpointing",
+                 "deepspeed.zero_stage=3", "deepspeed.offload_optimizer"):
+        assert knob in advice
+    assert explain_launch_failure(-signal.SIGKILL, "") == explain_launch_failure(1, output)  # killed itself
+
+
+def test_the_memory_estimate_is_computed_only_for_a_memory_kill():
+    calls = []
+
+    def estimate() -> str | None:
+        calls.append(1)
+        return None  # e.g. the model's config was not reachable: the advice goes without numbers
+
+    context = FailureContext(master_port=29611, memory=estimate)
+    port_advice = explain_launch_failure(1, "OSError: [Errno 98] Address already in use", context)
+    assert port_advice is not None and port_advice.endswith("grep 29611`") and calls == []
+    advice = explain_launch_failure(247, "exits with return code = -9", context)
+    assert calls == [1] and advice == explain_launch_failure(247, "exits with return code = -9")
+
+
+def test_recipe_memory_note_is_the_validate_estimate_or_none(tmp_path):
+    config = {"model_type": "whisper", "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+              "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 128,
+              "decoder_ffn_dim": 128, "num_mel_bins": 80}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    recipe = load_recipe(Path(RECIPE), [f"model.name_or_path={tmp_path}"])
+    note = recipe_memory_note(recipe, 4)
+    total = memory_estimate(recipe, config, 4)["total_gib"]
+    assert note is not None and note.startswith(f"this recipe needs about {total:.1f} GiB per GPU at world size 4 (")
+    missing = load_recipe(Path(RECIPE), [f"model.name_or_path={tmp_path / 'absent'}"])
+    assert recipe_memory_note(missing, 4) is None
 
 
 def test_explain_launch_failure_stays_quiet_otherwise():
@@ -386,9 +566,9 @@ def test_explain_launch_failure_stays_quiet_otherwise():
 @pytest.mark.slow
 def test_printed_per_node_commands_rendezvous_on_loopback(tmp_path):
     """The two commands printed for hostfiles/loopback_2x1.txt, run side by side with DeepSpeed on the CPU
-    (a gloo all-reduce standing in for train_ds.py): `localhost` and `127.0.0.1` are two nodes of one world."""
-    script = tmp_path / "allreduce.py"
-    script.write_text("import sys, torch, torch.distributed as dist\n"
+    (a gloo all-reduce module standing in for launcher.train, started through the printed `--module`):
+    `localhost` and `127.0.0.1` are two nodes of one world."""
+    (tmp_path / "allreduce.py").write_text("import sys, torch, torch.distributed as dist\n"
                       "dist.init_process_group('gloo')\n"
                       "t = torch.tensor([dist.get_rank() + 1.0]); dist.all_reduce(t)\n"
                       "print(f'rank {dist.get_rank()} of {dist.get_world_size()} sum {t.item():.0f} {sys.argv[1:]}')\n"
@@ -398,7 +578,8 @@ def test_printed_per_node_commands_rendezvous_on_loopback(tmp_path):
     assert proc.returncode == 0, proc.stderr
     procs = []
     for argv in commands(proc.stdout):
-        argv[argv.index(str(REPO / "train_ds.py"))] = str(script)
+        assert argv[train_start(argv) - 1:train_start(argv) + 1] == ["--module", "launcher.train"]
+        argv[train_start(argv)] = "allreduce"  # `python -u -m allreduce`, found in the current folder
         argv[0] = str(Path(sys.executable).parent / "deepspeed")
         procs.append(subprocess.Popen(argv, cwd=tmp_path, env=cpu_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
@@ -406,3 +587,29 @@ def test_printed_per_node_commands_rendezvous_on_loopback(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     for rank, output in enumerate(outputs):
         assert f"rank {rank} of 2 sum 3 ['--local_rank=0', '--recipe', {RECIPE!r}]" in output
+
+
+@pytest.mark.slow
+def test_single_run_trains_through_the_module_while_port_29500_is_held(tmp_path, tiny_model, demo_shards):
+    """DeepSpeed's default port held (a second job on the machine): `launch --mode single --run` picks a free
+    port, and a real 1-rank CPU training of the tiny recipe runs to its last step; started outside the
+    repository, every rank runs `python -u -m launcher.train`."""
+    try:
+        held = socket.create_server(("", DEFAULT_MASTER_PORT))
+    except OSError:  # someone already holds it: the situation this test is about
+        held = None
+    run_dir = tmp_path / "run"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "launcher", "launch", "--recipe", RECIPE, "--num-gpus", "1",
+             "--run", "--set", f"model.name_or_path={tiny_model}", f"data.shards={demo_shards['shards']}",
+             f"output_dir={run_dir}", "optim.max_steps=2", "optim.warmup_steps=1", "eval.every_steps=0",
+             "checkpoint.every_steps=0", "checkpoint.keep_best=0", "logging.every_steps=1", "eval.test_at_end=false"],
+            cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    finally:
+        if held is not None:
+            held.close()
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    running = shlex.split(next(line for line in proc.stderr.splitlines() if line.startswith("running: deepspeed ")))
+    assert int(flag(running, "--master_port")) != DEFAULT_MASTER_PORT and "--module" in running
+    assert read_log(run_dir)[-1]["step"] == 2

@@ -1,0 +1,181 @@
+"""No orphans: a command that is killed or stopped takes every process it started with it.
+
+- `launcher shard` SIGKILLed mid-run: its ProcessPoolExecutor workers, their forkserver and the multiprocessing
+  resource tracker (about 150 MB each) must all exit within seconds (launcher/shard.py's _Pool).
+- `launcher launch --run` stopped with SIGTERM to its process group (a terminal, `kill -- -PGID`, a container
+  stop): the ranks must save, and the command must not return before its last descendant has ended, none of
+  them left running with parent 1 meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, cpu_env, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def describe(procs) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} (parent {p.ppid()}, {p.status()}): {' '.join(p.cmdline())[:160]}")
+        except psutil.Error:
+            pass
+    return out
+
+
+def alive(procs) -> list[psutil.Process]:
+    live = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                live.append(p)
+        except psutil.Error:
+            pass
+    return live
+
+
+def _ppid(p: psutil.Process) -> int | None:
+    try:
+        return p.ppid()
+    except psutil.Error:
+        return None
+
+
+def session_members(sid: int) -> list[psutil.Process]:
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                members.append(p)
+        except (OSError, psutil.Error):
+            pass
+    return members
+
+
+def kill_all(procs) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def test_a_sigkilled_shard_run_leaves_no_worker_forkserver_or_resource_tracker(bigger_corpus, tmp_path):
+    out = tmp_path / "shards"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "shard", "--lang", "fr", "--source",
+                             f"cv:{bigger_corpus}", "--out", str(out), "--workers", "2", "--shard-size", "0.3"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    main = psutil.Process(proc.pid)
+    descendants: list[psutil.Process] = []
+    try:
+        # working: the pool's workers exist (children of the forkserver, so grandchildren here) and a shard is
+        # being written
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            descendants = main.children(recursive=True)
+            workers = [p for p in descendants if p.ppid() != proc.pid]
+            if len(workers) >= 2 and list(out.glob("*/*.tmp")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        descendants = main.children(recursive=True)
+        assert len(descendants) >= 4, describe(descendants)  # resource tracker, forkserver, 2 workers
+
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer would
+        proc.wait()
+        killed = time.monotonic()
+        while alive(descendants) and time.monotonic() - killed < 10:
+            time.sleep(0.05)
+        left = alive(descendants)
+        assert not left, (f"still alive {time.monotonic() - killed:.1f} s after the main process was SIGKILLed:\n"
+                          + "\n".join(describe(left)))
+    finally:
+        kill_all(alive(descendants) + alive(session_members(proc.pid)))
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_to_the_group_of_launch_run_saves_and_the_command_outlives_every_process_it_started(
+        tiny_model, demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launcher", "launch", "--recipe", "recipes/tiny_demo.yaml", "--num-gpus", "2",
+           "--master-port", str(free_port()), "--run", "--set", f"model.name_or_path={tiny_model}",
+           f"data.shards={demo_shards['shards']}", f"output_dir={run_dir}", "optim.max_steps=400",
+           "eval.every_steps=0", "checkpoint.keep_best=0", "eval.test_at_end=false", "logging.every_steps=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    output: list[bytes] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(lambda: proc.stdout.read1(65536), b"")),
+                              daemon=True)
+    reader.start()
+    wrapper = psutil.Process(proc.pid)
+    seen: dict[int, psutil.Process] = {}
+
+    def collect() -> None:
+        """Every process the command started, even one in a session of its own or reparented since."""
+        roots = [wrapper, *seen.values()] if proc.poll() is None else list(seen.values())
+        for p in [*roots, *session_members(proc.pid)]:
+            try:
+                for q in [p, *p.children(recursive=True)]:
+                    if q.pid != proc.pid:
+                        seen.setdefault(q.pid, q)
+            except psutil.Error:
+                pass
+
+    try:
+        log = run_dir / "train_log.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, b"".join(output).decode(errors="replace")[-3000:]
+            collect()
+            if log.is_file() and any(json.loads(x)["step"] >= 2 for x in log.read_text().splitlines() if x.strip()):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("no step 2 within 300 s")
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        orphans: list[str] = []
+        left_when_done: list[str] = []
+        while time.monotonic() - signalled < 120:
+            collect()
+            live = alive(seen.values())
+            if proc.poll() is not None:
+                left_when_done = describe(live)
+                break
+            family = {proc.pid} | {p.pid for p in live}
+            orphans = describe([p for p in live if _ppid(p) not in (*family, None)])  # None: just ended
+            if orphans:
+                break
+            time.sleep(0.1)
+        waited = time.monotonic() - signalled
+        assert not orphans, f"{waited:.1f} s after SIGTERM, reparented while the command waits:\n" + "\n".join(orphans)
+        assert proc.poll() is not None, "the command was still running 120 s after SIGTERM"
+        assert not left_when_done, (f"the command returned ({proc.returncode}) {waited:.1f} s after SIGTERM, "
+                                    "leaving:\n" + "\n".join(left_when_done))
+        reader.join(timeout=10)
+        text = b"".join(output).decode(errors="replace")
+        assert "stopped on request at step" in text, text[-3000:]
+        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+        assert (run_dir / "checkpoints" / latest).is_dir()
+        assert not (run_dir / "STOP").exists(), "the stop request is cleared once acted on"
+    finally:
+        collect()
+        kill_all(alive(seen.values()))
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
