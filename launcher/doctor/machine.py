@@ -1,0 +1,499 @@
+"""The checks of this machine: versions and driver, GPUs, DeepSpeed ops, flash-attn, the model, the shards, the
+disk. Cheap: no sha256 unless asked, no CUDA context (nvidia-smi answers), no hub download offline."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+from collections.abc import Callable
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+from launcher.doctor.checks import Check, Gpu, _crashed, _guarded, _run
+from launcher.errors import LauncherError
+from launcher.recipe import Recipe, check_against_data_and_model, deepspeed_config, load_model_config
+
+# Oldest driver (major version) that runs a CUDA major release under minor-version compatibility.
+MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+# The newest torch wheel index each driver runs, newest first: the fix for a driver that is too old.
+TORCH_INDEXES = ((580, "cu130"), (525, "cu126"), (450, "cu118"))
+OPTIMIZER_STATE_BYTES = 12  # per trainable parameter: fp32 master weights and Adam's two moments
+DISK_MARGIN = 1.5  # less free space than this times the estimate is a warning
+SHARDS_FIX = ("the shards must be at data.shards, the same on every node: copy them or reshard "
+              "(`python -m launcher shard ...`), then `python -m launcher inspect DIR --verify`")
+
+
+# ---- versions and the NVIDIA driver ---------------------------------------------------------------------------
+
+def _nccl_version() -> str | None:
+    import torch
+
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:  # noqa: BLE001 - a build without NCCL
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions without importing the packages (metadata only)."""
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "deepspeed", "transformers"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "missing"
+    return versions
+
+
+def check_versions() -> Check:
+    import torch
+
+    v = library_versions()
+    cuda = torch.version.cuda
+    nccl = _nccl_version() if cuda else None
+    build = f"CUDA {cuda} build, NCCL {nccl or 'none'}" if cuda else "CPU build"
+    found = (f"python {v['python']}, torch {torch.__version__} ({build}), deepspeed {v['deepspeed']}, "
+             f"transformers {v['transformers']}")
+    missing = [k for k, version in v.items() if version == "missing"]
+    if missing:
+        return Check("versions", "FAIL", f"{found}; not installed: {', '.join(missing)}",
+                     "`make setup` (installs the versions pinned in constraints.txt)")
+    return Check("versions", "OK", found)
+
+
+@lru_cache(maxsize=1)
+def _nvidia_smi() -> tuple[tuple[str, ...], ...] | None:
+    """nvidia-smi's rows (index, name, memory MiB, compute capability, driver); None without a working one."""
+    query = "index,name,memory.total,compute_cap,driver_version"
+    for fields in (query, query.replace(",compute_cap", "")):  # drivers before 510 do not know compute_cap
+        out = _run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"])
+        if out is not None:
+            rows = tuple(tuple(f.strip() for f in line.split(",")) for line in out.splitlines() if line.strip())
+            return tuple(r if "compute_cap" in fields else (*r[:3], "", r[3]) for r in rows)
+    return None
+
+
+def driver_version() -> str | None:
+    """The NVIDIA kernel driver's version (e.g. 550.54.15): nvidia-smi, else /proc/driver/nvidia/version."""
+    rows = _nvidia_smi()
+    if rows:
+        return rows[0][4]
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return match.group(1) if match else None
+
+
+def torch_index_for(driver_major: int) -> str | None:
+    return next((f"https://download.pytorch.org/whl/{tag}" for need, tag in TORCH_INDEXES if driver_major >= need),
+                None)
+
+
+def check_driver(torch_cuda: str | None, driver: str | None) -> Check:
+    """The driver must be new enough for the CUDA release torch was built with (minor-version compatibility:
+    any 12.x build runs on a >= 525 driver, 13.x on >= 580); otherwise every rank fails at its first CUDA call."""
+    if torch_cuda is None:
+        if driver is None:
+            return Check("driver", "OK", "no NVIDIA driver, CPU build of torch")
+        index = torch_index_for(int(driver.split(".")[0]))
+        return Check("driver", "WARN", f"NVIDIA driver {driver}, but torch is a CPU build: it would not use the GPUs",
+                     f"`make setup TORCH_INDEX={index}` (a fresh .venv)" if index else "upgrade the NVIDIA driver")
+    if driver is None:
+        return Check("driver", "OK", f"torch built for CUDA {torch_cuda}; no NVIDIA driver here (no GPU)")
+    major, needed = int(driver.split(".")[0]), MIN_DRIVER.get(int(torch_cuda.split(".")[0]))
+    if needed is None:
+        return Check("driver", "WARN", f"driver {driver}; cannot tell which driver CUDA {torch_cuda} needs",
+                     "check NVIDIA's CUDA compatibility table")
+    if major < needed:
+        index = torch_index_for(major)
+        fix = (f"install a torch built for a CUDA this driver runs: `make setup TORCH_INDEX={index}` (a fresh .venv), "
+               f"or upgrade the driver to >= {needed}") if index else f"upgrade the driver to >= {needed}"
+        return Check("driver", "FAIL", f"driver {driver} is too old for torch's CUDA {torch_cuda} (needs >= {needed})",
+                     fix)
+    return Check("driver", "OK", f"driver {driver} runs torch's CUDA {torch_cuda} (needs >= {needed})")
+
+
+# ---- GPUs -------------------------------------------------------------------------------------------------------
+
+def _visible(rows: tuple[tuple[str, ...], ...]) -> list[tuple[str, ...]]:
+    """nvidia-smi lists every GPU of the machine; torch sees those CUDA_VISIBLE_DEVICES names."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or not all(v.strip().isdigit() for v in visible.split(",") if v.strip()):
+        return list(rows)  # unset, or GPU UUIDs: keep nvidia-smi's order
+    by_index = {r[0]: r for r in rows}
+    return [by_index[v.strip()] for v in visible.split(",") if v.strip() in by_index]
+
+
+def _gpu_from_row(row: tuple[str, ...]) -> Gpu:
+    cap = tuple(int(x) for x in row[3].split(".")) if re.fullmatch(r"\d+\.\d+", row[3]) else None
+    return Gpu(row[1], float(row[2]) / 1024, cap)  # type: ignore[arg-type]
+
+
+def detect_gpus() -> list[Gpu]:
+    """The GPUs torch can use here. Read from nvidia-smi unless CUDA is already up in this process, because
+    asking torch for a GPU's properties creates a CUDA context (memory on GPU 0 for as long as the process lives)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    rows = _nvidia_smi()
+    if not torch.cuda.is_initialized() and rows and len(_visible(rows)) >= count:
+        try:
+            return [_gpu_from_row(r) for r in _visible(rows)[:count]]
+        except (ValueError, IndexError):  # "[N/A]" and the like: ask torch after all
+            pass
+    props = [torch.cuda.get_device_properties(i) for i in range(count)]
+    return [Gpu(p.name, p.total_memory / 1024**3, (p.major, p.minor)) for p in props]
+
+
+def _describe_gpus(gpus: list[Gpu]) -> str:
+    kinds: dict[Gpu, int] = {}
+    for g in gpus:
+        kinds[g] = kinds.get(g, 0) + 1
+    return ", ".join(f"{n} x {g.name} ({g.memory_gib:.0f} GiB"
+                     + (f", compute capability {g.capability[0]}.{g.capability[1]})" if g.capability else ")")
+                     for g, n in kinds.items())
+
+
+def check_gpus(recipe: Recipe, gpus: list[Gpu], *, estimate_gib: float | None = None,
+               accelerator_env: str | None = None) -> Check:
+    """GPUs against what the recipe asks for: a 16-bit precision needs a GPU, bf16 needs Ampere (compute
+    capability 8.0) or newer (older GPUs only emulate it, slowly); a CPU run needs DS_ACCELERATOR=cpu."""
+    precision = recipe.deepspeed.precision
+    if not gpus:
+        if precision != "fp32":
+            return Check("gpus", "FAIL", f"no GPU here, but deepspeed.precision is {precision!r}",
+                         "for a CPU run: --set deepspeed.precision=fp32 (and DS_ACCELERATOR=cpu)")
+        if accelerator_env == "cpu":
+            return Check("gpus", "OK", "no GPU: a CPU run (fp32, gloo), DS_ACCELERATOR=cpu")
+        if accelerator_env is None:
+            return Check("gpus", "WARN", "no GPU and DS_ACCELERATOR is not set: DeepSpeed on a CPU-only machine "
+                                         "needs DS_ACCELERATOR=cpu", "export DS_ACCELERATOR=cpu")
+        return Check("gpus", "FAIL", f"no GPU, but DS_ACCELERATOR={accelerator_env}", "export DS_ACCELERATOR=cpu")
+    found = _describe_gpus(gpus)
+    problems, fixes = [], []
+    if precision == "bf16":
+        old = sorted({g.name for g in gpus if g.capability is not None and g.capability < (8, 0)})
+        if old:
+            problems.append(f"no bf16 on {', '.join(old)} (needs compute capability 8.0, Ampere, or newer)")
+            fixes.append("--set deepspeed.precision=fp16")
+    if accelerator_env not in (None, "cuda"):
+        problems.append(f"DS_ACCELERATOR={accelerator_env}: DeepSpeed would not use the GPUs")
+        fixes.append("unset DS_ACCELERATOR")
+    if problems:
+        return Check("gpus", "FAIL", f"{found}; " + "; ".join(problems), "; ".join(fixes))
+    smallest = min(g.memory_gib for g in gpus)
+    if estimate_gib is not None and estimate_gib > 0.95 * smallest:
+        return Check("gpus", "WARN", f"{found}; the recipe's memory estimate is {estimate_gib:.1f} GiB per GPU, "
+                                     f"the smallest GPU has {smallest:.1f}",
+                     "deepspeed.zero_stage=3, model.gradient_checkpointing=true, a smaller data.batch_size_per_gpu "
+                     "(raise optim.grad_accum), or deepspeed.offload_optimizer=true")
+    return Check("gpus", "OK", found + (f"; {precision} supported" if precision != "fp32" else ""))
+
+
+# ---- DeepSpeed ops and flash-attn ---------------------------------------------------------------------------
+
+def optimizer_class(ds_config: dict) -> tuple[str, str | None]:
+    """What DeepSpeed's engine builds for this config's optimizer (engine._configure_basic_optimizer) and the
+    DeepSpeed op it needs compiled; None when it is a torch optimizer (nothing to build)."""
+    import torch
+
+    optimizer = ds_config.get("optimizer") or {}
+    kind, params = str(optimizer.get("type", "")).lower(), optimizer.get("params") or {}
+    offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") in ("cpu",
+                                                                                                           "nvme")
+    if not optimizer:
+        return "the client's optimizer", None
+    if kind in ("adam", "adamw"):
+        if params.get("torch_adam"):
+            w_mode = kind == "adamw" or params.get("adam_w_mode", True)
+            fused = "(fused=True)" if params.get("fused") else ""
+            return f"torch.optim.{'AdamW' if w_mode else 'Adam'}{fused}", None
+        return ("DeepSpeedCPUAdam", "cpu_adam") if offload else ("FusedAdam", "fused_adam")
+    if kind == "lamb":
+        return "FusedLamb", "fused_lamb"
+    if kind == "lion":
+        return ("DeepSpeedCPULion", "cpu_lion") if offload else ("FusedLion", "fused_lion")
+    if kind == "adagrad":
+        return ("DeepSpeedCPUAdagrad", "cpu_adagrad") if offload else ("torch.optim.Adagrad", None)
+    if hasattr(torch.optim, optimizer["type"]):
+        return f"torch.optim.{optimizer['type']}", None
+    return optimizer["type"], kind
+
+
+def _jit_missing(op: str) -> list[str]:
+    """What compiling a DeepSpeed op just in time would lack here (CUDA ops need nvcc, all need ninja and C++)."""
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+
+    missing = [] if is_ninja_available() else ["ninja"]
+    if not (shutil.which("c++") or shutil.which("g++")):
+        missing.append("a C++ compiler")
+    if not op.startswith("cpu_") and CUDA_HOME is None:
+        missing.append("the CUDA toolkit (nvcc, CUDA_HOME)")
+    return missing
+
+
+def check_deepspeed_ops(recipe: Recipe, world_size: int, on_gpu: bool | None = None) -> Check:
+    """The DeepSpeed config must not need an op compiled at engine start: each node would spend minutes in
+    nvcc, or fail there without a CUDA toolkit. Reports DeepSpeed's accelerator; builds nothing."""
+    from deepspeed.git_version_info import installed_ops
+
+    from launcher.distributed import on_gpu as gpu_here
+
+    gpu = gpu_here()
+    accelerator = "cuda" if gpu else "cpu"
+    on_gpu = gpu if on_gpu is None else on_gpu
+    cls, op = optimizer_class(deepspeed_config(recipe, world_size, on_gpu=on_gpu))
+    found = f"accelerator {accelerator}, optimizer {cls} ({'GPU' if on_gpu else 'CPU'} config)"
+    if op is None:
+        return Check("deepspeed-ops", "OK", f"{found}: no DeepSpeed op to compile")
+    if installed_ops.get(op):
+        return Check("deepspeed-ops", "OK", f"{found}: op {op} is prebuilt in this deepspeed")
+    fix = (f"prebuild it (DS_BUILD_{op.upper()}=1 pip install deepspeed), or have launcher.recipe.deepspeed_config "
+           "use torch's AdamW (optimizer params torch_adam: true)")
+    missing = _jit_missing(op)
+    if missing:
+        return Check("deepspeed-ops", "FAIL", f"{found}: needs DeepSpeed's {op} op, not prebuilt, and it cannot be "
+                                              f"compiled here (no {', '.join(missing)})", fix)
+    return Check("deepspeed-ops", "WARN", f"{found}: needs DeepSpeed's {op} op, not prebuilt: every node compiles it "
+                                          "at engine start (minutes; cached in ~/.cache/torch_extensions)", fix)
+
+
+def check_flash_attn(recipe: Recipe, gpus: list[Gpu]) -> Check:
+    """flash_attention_2 needs the flash_attn package, Ampere or newer, and 16-bit weights."""
+    if recipe.model.attn_implementation != "flash_attention_2":
+        return Check("flash-attn", "SKIP", f"model.attn_implementation is {recipe.model.attn_implementation!r}")
+    problems = []
+    try:
+        import flash_attn
+
+        found = f"flash_attn {flash_attn.__version__}"
+    except Exception as e:  # noqa: BLE001 - not installed, or built against another torch (undefined symbol)
+        found = "flash_attn does not import"
+        problems.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if not gpus:
+        problems.append("no GPU here")
+    elif any(g.capability is not None and g.capability < (8, 0) for g in gpus):
+        problems.append("it needs compute capability 8.0 (Ampere) or newer")
+    if recipe.deepspeed.precision == "fp32":
+        problems.append("it runs only in bf16 or fp16, deepspeed.precision is 'fp32'")
+    if problems:
+        return Check("flash-attn", "FAIL", f"{found}; " + "; ".join(problems),
+                     "pip install flash-attn --no-build-isolation (built for this torch) on an Ampere+ GPU in "
+                     "bf16/fp16, or --set model.attn_implementation=sdpa")
+    return Check("flash-attn", "OK", f"{found}, {_describe_gpus(gpus)}")
+
+
+# ---- the model ----------------------------------------------------------------------------------------------
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _missing_files(has: Callable[[str], bool]) -> list[str]:
+    """What of the files WhisperProcessor.from_pretrained and the model's from_pretrained read is missing."""
+    missing = []
+    if not (has("preprocessor_config.json") or has("processor_config.json")):  # transformers 5 writes the latter
+        missing.append("preprocessor_config.json")
+    if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
+        missing.append("tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
+    if not any(has(w) for w in WEIGHT_FILES):
+        missing.append("weights (model.safetensors, pytorch_model.bin or their .index.json)")
+    return missing
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_model(recipe: Recipe) -> tuple[Check, dict | None]:
+    """The model's config.json loads (local folder or hub) and is Whisper's; a local folder has what the
+    processor and the weights need. A hub model is read from the cache when there; offline, it must be there."""
+    name = recipe.model.name_or_path
+    local = Path(name).exists()
+    if not local and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
+        return Check("model", "FAIL", f"no folder {name} (relative to {Path.cwd()}), and not a hub id",
+                     "point model.name_or_path at a Hugging Face folder or a hub id"), None
+    try:
+        config = load_model_config(name)
+    except LauncherError as e:
+        fix = ("download it where HF_HOME points (`huggingface-cli download " + name + "`), or unset HF_HUB_OFFLINE"
+               if not local and _hub_offline() else "check model.name_or_path (and HF_TOKEN for a gated model)")
+        return Check("model", "FAIL", str(e), fix), None
+    found = (f"{name}: {config.get('model_type')}, d_model {config.get('d_model')}, "
+             f"{config.get('encoder_layers')}+{config.get('decoder_layers')} layers")
+    if config.get("model_type") != "whisper":
+        return Check("model", "FAIL", f"{found}: not a Whisper model",
+                     "point model.name_or_path at a Whisper model"), None
+    if local:
+        missing = _missing_files(lambda f: (Path(name) / f).is_file())
+        if missing:
+            return Check("model", "FAIL", f"{found}; the folder has no {'; no '.join(missing)}",
+                         "save the processor next to the weights (WhisperProcessor.from_pretrained(BASE)"
+                         f".save_pretrained('{name}'))"), config
+        return Check("model", "OK", f"{found}; processor and weights present"), config
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = _missing_files(lambda f: isinstance(try_to_load_from_cache(name, f), str))
+    if missing and _hub_offline():
+        return Check("model", "FAIL", f"{found}; HF_HUB_OFFLINE is set and the cache has no {'; no '.join(missing)}",
+                     f"`huggingface-cli download {name}` into the HF_HOME every node reads"), config
+    if missing:
+        return Check("model", "WARN", f"{found}; not fully in the local cache: every node downloads it at start",
+                     f"`huggingface-cli download {name}` first, into an HF_HOME every node reads"), config
+    return Check("model", "OK", f"{found}; in the local Hugging Face cache"), config
+
+
+def count_parameters(config: dict, freeze_encoder: bool = False) -> tuple[int, int]:
+    """(all, trainable) parameters, counted on the meta device as launcher.recipe.memory_estimate does: the
+    model's own arithmetic, no memory, no weights read."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    with torch.device("meta"):
+        model = WhisperForConditionalGeneration(WhisperConfig.from_dict(config))
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.model.encoder.parameters()) if freeze_encoder else 0
+    return total, total - frozen
+
+
+# ---- shards -------------------------------------------------------------------------------------------------
+
+def _splits_read(recipe: Recipe, index) -> list[str]:
+    """The splits a run reads: train, the eval splits, and test at the end when the recipe scores it."""
+    wanted = [recipe.data.train_split, *recipe.eval.splits, *(["test"] if recipe.eval.test_at_end else [])]
+    return [s for s in dict.fromkeys(wanted) if index.has_split(s)]
+
+
+def check_shards(recipe: Recipe, verify: bool = False) -> Check:
+    """check_against_data_and_model passes (a model that does not load is the model check's line, not repeated
+    here), and every shard of the splits the run reads exists with the index's size (and sha256 with verify)."""
+    from launcher.shards import load_index
+
+    problems = []
+    try:
+        check_against_data_and_model(recipe)
+    except LauncherError as e:
+        lines = [line.strip() for line in str(e).splitlines()]
+        problems = [line for line in lines if line and not re.fullmatch(r"\d+ problem\(s\):", line)
+                    and not line.startswith("model.name_or_path:")]
+    try:
+        index = load_index(recipe.data.shards)
+    except LauncherError:
+        return Check("shards", "FAIL", "; ".join(problems), SHARDS_FIX)
+    splits = _splits_read(recipe, index)
+    shards = [shard for split in splits for shard in index.shards(split)]
+    bad = [f"{shard.path.relative_to(index.folder)} {p}" for shard in shards if (p := shard.problem(hash_it=verify))]
+    wrong = (f"{len(bad)} of {len(shards)} shard files wrong: " + "; ".join(bad[:5])
+             + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")) if bad else None
+    if problems or (wrong and recipe.data.on_bad_data == "stop"):
+        return Check("shards", "FAIL", f"{index.folder}: " + "; ".join([*problems, *filter(None, [wrong])]),
+                     SHARDS_FIX)
+    if wrong:  # the recipe says to train on without them: they will be skipped, named and counted
+        return Check("shards", "WARN", f"{index.folder}: {wrong}; their samples will be skipped "
+                                       "(data.on_bad_data: skip)", SHARDS_FIX)
+    counts = ", ".join(f"{s} {index.samples(s)} clips in {len(index.shards(s))} shard(s)" for s in splits)
+    how = "sizes and sha256" if verify else "the index's sizes (sha256 not checked: --verify)"
+    return Check("shards", "OK", f"{index.folder}: {counts}; all {len(shards)} files present with {how}")
+
+
+# ---- disk ---------------------------------------------------------------------------------------------------
+
+def checkpoint_bytes(recipe: Recipe, n_params: int, n_trainable: int) -> int:
+    """One DeepSpeed checkpoint: the 16-bit (or fp32) weights plus fp32 master weights and Adam moments."""
+    weight = 4 if recipe.deepspeed.precision == "fp32" else 2
+    return weight * n_params + OPTIMIZER_STATE_BYTES * n_trainable
+
+
+def disk_needed(recipe: Recipe, n_params: int, n_trainable: int) -> tuple[int, str]:
+    """Bytes the run's folder grows to: the kept checkpoints and one being written, plus best/ and final/."""
+    kept = recipe.checkpoint.keep_last + recipe.checkpoint.keep_best + 1
+    one = checkpoint_bytes(recipe, n_params, n_trainable)
+    export = (4 if recipe.deepspeed.precision == "fp32" else 2) * n_params
+    how = (f"{kept} checkpoints x {one / 1e9:.2f} GB (keep_last {recipe.checkpoint.keep_last} + keep_best "
+           f"{recipe.checkpoint.keep_best} + 1 being written) + best/ and final/ x {export / 1e9:.2f} GB")
+    return kept * one + 2 * export, how
+
+
+def _free_bytes(path: Path) -> tuple[int, Path]:
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return shutil.disk_usage(existing).free, existing
+
+
+def check_disk(recipe: Recipe, params: tuple[int, int] | None, free_bytes: int | None = None) -> Check:
+    """Free space where output_dir lives against the checkpoints the recipe keeps; `free_bytes` overrides
+    the filesystem's answer (tests, or a quota the filesystem does not report)."""
+    if params is None:
+        return Check("disk", "SKIP", "model size unknown (its config did not load)")
+    needed, how = disk_needed(recipe, *params)
+    free, where = _free_bytes(recipe.output_dir) if free_bytes is None else (free_bytes, Path(recipe.output_dir))
+    found = f"{recipe.output_dir}: needs ~{needed / 1e9:.2f} GB ({how}), {free / 1e9:.2f} GB free on {where}"
+    fix = "free space, point output_dir at a larger filesystem, or lower checkpoint.keep_last / keep_best"
+    if free < needed:
+        return Check("disk", "FAIL", found, fix)
+    if free < DISK_MARGIN * needed:
+        return Check("disk", "WARN", f"{found} (less than {DISK_MARGIN}x)", fix)
+    return Check("disk", "OK", found)
+
+
+# ---- this machine, all together -------------------------------------------------------------------------------
+
+def _model_and_size(recipe: Recipe) -> tuple[Check, dict | None, tuple[int, int] | None]:
+    try:
+        model, config = check_model(recipe)
+        params = count_parameters(config, recipe.model.freeze_encoder) if config is not None else None
+    except Exception as e:  # noqa: BLE001 - e.g. a config transformers refuses to build
+        return _crashed("model", e), None, None
+    return model, config, params
+
+
+def _memory_estimate(recipe: Recipe, config: dict, world_size: int) -> float | None:
+    from launcher.recipe import memory_estimate
+
+    try:
+        return memory_estimate(recipe, config, world_size)["total_gib"]
+    except Exception:  # noqa: BLE001 - the estimate only adds a warning
+        return None
+
+
+def _hardware_checks(recipe: Recipe, world_size: int, config: dict | None) -> list[Check]:
+    import torch
+
+    gpus: list[Gpu] = []
+    try:
+        gpus = detect_gpus()
+        gpu_check = None
+    except Exception as e:  # noqa: BLE001 - the gpus line says so; the others go on as without a GPU
+        gpu_check = _crashed("gpus", e)
+    estimate = _memory_estimate(recipe, config, world_size) if gpus and config is not None else None
+    accelerator_env = os.environ.get("DS_ACCELERATOR")
+    return [_guarded("driver", lambda: check_driver(torch.version.cuda, driver_version())),
+            gpu_check or _guarded("gpus", lambda: check_gpus(recipe, gpus, estimate_gib=estimate,
+                                                             accelerator_env=accelerator_env)),
+            _guarded("deepspeed-ops", lambda: check_deepspeed_ops(recipe, world_size)),
+            _guarded("flash-attn", lambda: check_flash_attn(recipe, gpus))]
+
+
+def preflight_local(recipe: Recipe, world_size: int, *, verify: bool = False, free_bytes: int | None = None,
+                    hardware: bool = True) -> list[Check]:
+    """Every check of this machine, in a fixed order; never raises. `verify` adds every shard's sha256 (slow);
+    `free_bytes` overrides the free disk space found; `hardware=False` where this machine runs none of the job's
+    ranks (a SLURM login node submitting it): driver, GPUs, DeepSpeed ops and flash-attn are then not checked."""
+    model, config, params = _model_and_size(recipe)
+    skipped = [Check(name, "SKIP", "not checked here: the job's ranks run on other machines")
+               for name in ("driver", "gpus", "deepspeed-ops", "flash-attn")]
+    hardware_checks = _hardware_checks(recipe, world_size, config) if hardware else skipped
+    return [_guarded("versions", check_versions), *hardware_checks, model,
+            _guarded("shards", lambda: check_shards(recipe, verify)),
+            _guarded("disk", lambda: check_disk(recipe, params, free_bytes))]
