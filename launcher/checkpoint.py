@@ -21,7 +21,7 @@ import random
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,42 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def tag(step: int) -> str:
+    return f"step-{step}"
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step and across a resume (loop.json)."""
+
+    step: int = 0  # optimizer steps done
+    batches: int = 0  # micro-batches taken from this rank's loader since the run began
+    best: list[tuple[float, int]] = field(default_factory=list)  # (validation WER, step), best first
+    wandb_id: str | None = None
+    world_size: int = 1
+    nonfinite_in_row: int = 0
+
+    def record_wer(self, wer: float, step: int, keep: int) -> bool:
+        """Keep the `keep` best checkpoints by WER (a tie goes to the later, longer-trained step). True when `step`
+        is now the best."""
+        self.best = sorted([*self.best, (wer, step)], key=lambda b: (b[0], -b[1]))[:keep]
+        return bool(self.best) and self.best[0] == (wer, step)
+
+    @property
+    def kept_tags(self) -> set[str]:
+        return {tag(step) for _, step in self.best}
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "best": [[wer, step] for wer, step in self.best]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LoopState:
+        # loop.json of earlier versions named the best checkpoints by tag ("step-40")
+        best = [(float(w), int(s.split("-")[1]) if isinstance(s, str) else int(s)) for w, s in data.get("best", [])]
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "best"}
+        return cls(**known, best=best)
+
+
 def rng_state() -> dict:
     """This process's random states (torch CPU and GPU, NumPy, Python), as tensors and plain values only, so
     they load with torch.load(weights_only=True)."""
@@ -70,46 +106,46 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, loop_state: dict, rank_state: dict, *, keep_last: int,
-                    keep: set[str], recipe_text: str) -> Path:
-    """Collective: every rank calls it. Prunes to the newest `keep_last` plus the tags in `keep` (best by WER)."""
+def save_checkpoint(engine, run_dir: Path, loop: LoopState, rank_state: dict, *, keep_last: int,
+                    recipe_text: str) -> Path:
+    """Collective: every rank calls it. Prunes to the newest `keep_last` plus the best by WER (`loop.best`)."""
     folder = Path(run_dir) / "checkpoints"
     rank = dist.get_rank()
-    tag, tmp_tag = f"step-{step}", f"step-{step}.tmp"
+    name, tmp_tag = tag(loop.step), f"{tag(loop.step)}.tmp"
     if rank == 0:
         shutil.rmtree(folder / tmp_tag, ignore_errors=True)  # the remains of a save that crashed
     dist.barrier()
     # the universal-checkpoint marker lets ds_to_universal convert it for a resume on another number of ranks (a
     # purely data-parallel model needs no tensor-parallel merge patterns in it)
     universal = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    engine.save_checkpoint(str(folder), tag=tmp_tag, client_state={"loop": loop_state, **universal},
+    engine.save_checkpoint(str(folder), tag=tmp_tag, client_state={"loop": loop.to_json(), **universal},
                            save_latest=False)
     torch.save(rank_state, folder / tmp_tag / f"rank-{rank}.pt")
     dist.barrier()  # every rank's files are written
     if rank == 0:
-        _write_atomic(folder / tmp_tag / LOOP_STATE, json.dumps(loop_state, indent=2))
+        _write_atomic(folder / tmp_tag / LOOP_STATE, json.dumps(loop.to_json(), indent=2))
         _write_atomic(folder / tmp_tag / "recipe.yaml", recipe_text)
-        shutil.rmtree(folder / tag, ignore_errors=True)  # the same step saved again after a resume
-        os.rename(folder / tmp_tag, folder / tag)
-        _write_atomic(folder / LATEST, tag)
+        shutil.rmtree(folder / name, ignore_errors=True)  # the same step saved again after a resume
+        os.rename(folder / tmp_tag, folder / name)
+        _write_atomic(folder / LATEST, name)
         steps = sorted((p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
                        key=lambda p: int(p.name[5:]))
         for old in steps[:-keep_last]:
-            if old.name not in keep:
+            if old.name not in loop.kept_tags:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    return folder / tag
+    return folder / name
 
 
 @dataclass(frozen=True)
 class ResumePoint:
     folder: Path  # runs/<name>/checkpoints
     tag: str  # step-N
-    loop: dict  # loop.json
+    loop: LoopState  # loop.json
 
     @property
     def world_size(self) -> int:
-        return self.loop["world_size"]
+        return self.loop.world_size
 
 
 def find_resume_point(run_dir: Path) -> ResumePoint:
@@ -118,10 +154,10 @@ def find_resume_point(run_dir: Path) -> ResumePoint:
     folder = Path(run_dir) / "checkpoints"
     if not (folder / LATEST).is_file():
         raise LauncherError(f"--resume: no checkpoint in {folder} (no '{LATEST}' file); start without --resume")
-    tag = (folder / LATEST).read_text().strip()
-    if not (folder / tag / LOOP_STATE).is_file():
-        raise LauncherError(f"--resume: {folder / tag} is incomplete (no {LOOP_STATE})")
-    return ResumePoint(folder, tag, json.loads((folder / tag / LOOP_STATE).read_text()))
+    name = (folder / LATEST).read_text().strip()
+    if not (folder / name / LOOP_STATE).is_file():
+        raise LauncherError(f"--resume: {folder / name} is incomplete (no {LOOP_STATE})")
+    return ResumePoint(folder, name, LoopState.from_json(json.loads((folder / name / LOOP_STATE).read_text())))
 
 
 def to_universal(point: ResumePoint) -> str:
@@ -155,23 +191,26 @@ def load_checkpoint(engine, point: ResumePoint, tag: str) -> list[dict]:
     return [torch.load(point.folder / point.tag / f"rank-{r}.pt", weights_only=True) for r in range(point.world_size)]
 
 
-def export_hf(engine, out: Path, processor, generation: dict) -> Path:
-    """Collective: write a Hugging Face folder (weights gathered from every rank under ZeRO-3) on rank 0."""
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # collective; the full state on rank 0 only
-    else:
-        state = engine.module.state_dict()
-    if dist.get_rank() == 0:
+def export_hf(engine, out: Path, processor, settings) -> Path:
+    """Collective: write a Hugging Face folder on rank 0, from a plain copy of the weights (gathered from every rank
+    under ZeRO-3), with `settings` (launcher.model.DecodeSettings) as its generation config, so that a pipeline
+    decodes as the reported WER was measured. The live model and its configs are left as they are."""
+    from launcher.model import materialize
+
+    rank0 = dist.get_rank() == 0
+    dtype = next(engine.module.parameters()).dtype
+    plain = materialize(engine.module, torch.device("cpu"), dtype, here=rank0)
+    if rank0:
         out = Path(out)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model = engine.module
-        model.config.use_cache = True
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        for key, value in generation.items():
-            setattr(model.generation_config, key, value)
-        model.generation_config.save_pretrained(tmp)
+        plain.config.use_cache = True  # training switched it off; generation wants it
+        plain.generation_config = settings.generation_config(plain)
+        plain.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        # transformers 5 folds the feature extractor into processor_config.json; converters (CTranslate2) and older
+        # transformers read preprocessor_config.json
+        processor.feature_extractor.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     dist.barrier()

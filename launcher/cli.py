@@ -15,7 +15,7 @@ def _shard(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from launcher.features import SUPPORTED_N_MELS
-    from launcher.shard import Settings, shard_corpus
+    from launcher.shard import ShardSettings, print_summary, shard_corpus
     from launcher.sources import open_source
 
     if args.n_mels not in SUPPORTED_N_MELS:
@@ -25,7 +25,7 @@ def _shard(args: argparse.Namespace) -> int:
     out = Path(args.out or f"shards/{args.lang}")
     source = open_source(args.source, args.lang, hf_config=args.hf_config, audio_column=args.audio_column,
                          text_column=args.text_column)
-    settings = Settings(n_mels=args.n_mels, shard_bytes=int(args.shard_size * 1e6), language=args.lang)
+    settings = ShardSettings(n_mels=args.n_mels, shard_bytes=int(args.shard_size * 1e6), language=args.lang)
     console = Console(stderr=True)
     columns = (TextColumn("[bold]{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TextColumn("clips"),
                TextColumn("{task.fields[hours]:.2f} h audio"), TextColumn("{task.fields[speed]:.0f}x real time"),
@@ -33,28 +33,12 @@ def _shard(args: argparse.Namespace) -> int:
     with Progress(*columns, console=console) as progress:
         index = shard_corpus(source, out, settings, workers=args.workers, overwrite=args.overwrite,
                              splits=args.splits.split(",") if args.splits else None, progress=progress)
-    _print_summary(console, out, index)
+    print_summary(console, out, index)
     return 0
 
 
-def _print_summary(console, out: Path, index: dict) -> None:
-    from rich.table import Table
-
-    table = Table("split", "samples", "hours", "shards", "MB", "dropped", title=f"shards in {out}")
-    for name, split in index["splits"].items():
-        table.add_row(name, f"{split['samples']:,}", f"{split['seconds'] / 3600:.3f}", str(len(split["shards"])),
-                      f"{sum(s['bytes'] for s in split['shards']) / 1e6:.1f}", str(split["dropped"]))
-    console.print(table)
-    dropped = index["dropped"]
-    if dropped:
-        console.print(f"[yellow]dropped {sum(dropped.values())} clip(s)[/]: "
-                      + ", ".join(f"{reason} {n}" for reason, n in dropped.items())
-                      + f"; each is listed with its reason in {out / 'dropped.jsonl'}")
-    console.print(f"index: {out / 'index.json'}")
-
-
 def _inspect(args: argparse.Namespace) -> int:
-    from launcher.index import inspect
+    from launcher.shards import inspect
 
     return 1 if inspect(Path(args.shards), verify=args.verify) else 0
 
@@ -66,6 +50,7 @@ def _validate(args: argparse.Namespace) -> int:
     from rich.syntax import Syntax
     from rich.table import Table
 
+    from launcher.distributed import on_gpu as gpu_here
     from launcher.recipe import (
         check_against_data_and_model,
         deepspeed_config,
@@ -77,13 +62,14 @@ def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(Path(args.recipe), args.overrides)
     index, config = check_against_data_and_model(recipe)
     console = Console()
-    world = args.world_size
+    world, on_gpu = args.world_size, gpu_here()
     console.rule(f"[bold]{args.recipe}[/] (resolved)")
     console.print(Syntax(recipe_yaml(recipe), "yaml", background_color="default"))
-    console.rule(f"DeepSpeed config for {world} GPU(s)")
-    console.print_json(json.dumps(deepspeed_config(recipe, world)))
+    console.rule(f"DeepSpeed config for {world} {'GPU' if on_gpu else 'CPU rank'}(s), as train_ds.py builds it here")
+    console.print_json(json.dumps(deepspeed_config(recipe, world, on_gpu=on_gpu, nodes=args.nodes,
+                                                   d_model=config.get("d_model"))))
     global_batch = recipe.data.batch_size_per_gpu * recipe.optim.grad_accum * world
-    samples = index["splits"][recipe.data.train_split]["samples"]
+    samples = index.samples(recipe.data.train_split)
     epochs = recipe.optim.max_steps * global_batch / samples if samples else float("inf")
     console.rule("schedule")
     console.print(f"global batch {global_batch} = {recipe.data.batch_size_per_gpu} per GPU x "
@@ -100,12 +86,18 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from launcher.doctor import run_doctor
+
+    return run_doctor(Path(args.recipe), args.overrides, world_size=args.world_size, verify=args.verify)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from launcher.evaluate import run_standalone
 
     report = run_standalone(args.model, Path(args.shards), args.split, batch_size=args.batch_size,
                             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                            max_samples=args.max_samples, language=args.language,
+                            max_samples=args.max_samples, language=args.language, task=args.task,
                             out_dir=Path(args.out) if args.out else None, zero_stage=args.zero_stage,
                             precision=args.precision)
     if report is not None:
@@ -116,15 +108,24 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from launcher.launch import launch
+    from launcher.launch import LaunchOptions, launch
 
-    return launch(args)
+    return launch(LaunchOptions(
+        recipe=args.recipe, overrides=tuple(args.overrides), resume=args.resume, mode=args.mode,
+        hostfile=args.hostfile, num_gpus=args.num_gpus, node_rank=args.node_rank, master_addr=args.master_addr,
+        master_port=args.master_port, launcher=args.launcher, nodes=args.nodes, partition=args.partition,
+        time=args.time, write=args.write, run=args.run))
 
 
 def _demo(args: argparse.Namespace) -> int:
     from launcher.demo import run_demo
 
-    return run_demo(Path(args.out), workers=args.workers)
+    return run_demo(Path(args.out), workers=args.workers, max_steps=args.max_steps)
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override recipe fields as train_ds.py does, e.g. --set optim.lr=1e-5")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,10 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a recipe; print it resolved, its DeepSpeed config and a memory "
                                         "estimate")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/large_fr.yaml")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override fields, e.g. --set optim.lr=1e-5")
+    _add_overrides(p)
     p.add_argument("--world-size", type=int, default=8, help="GPUs in the job (default: 8)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over (default: 1)")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("doctor", help="preflight: versions, driver, GPUs, DeepSpeed ops, model, shards, disk (and, "
+                                      "under a launcher, the run folder and code on every rank)",
+                       description="One line per check: OK, WARN or FAIL with the fix; exit 1 when a check failed. "
+                                   "Started by a launcher (WORLD_SIZE > 1, e.g. `deepspeed --no_local_rank --module "
+                                   "launcher doctor ...`), every rank also checks that it sees the run folder rank 0 "
+                                   "writes and runs the same code, libraries, recipe and shards index.")
+    p.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/large_fr.yaml")
+    _add_overrides(p)
+    p.add_argument("--world-size", type=int, help="GPUs in the job, for the DeepSpeed config and memory estimate "
+                                                  "(default: the launcher's WORLD_SIZE, else the GPUs here)")
+    p.add_argument("--verify", action="store_true", help="also check every shard's sha256 (reads every shard)")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by DeepSpeed's launcher
+    p.set_defaults(func=_doctor)
 
     p = sub.add_parser("evaluate", help="WER of a model on a split of the shards, scored as the event scored it",
                        description="Greedy decoding with the language token forced; WER after BasicTextNormalizer, "
@@ -170,30 +185,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face folder (e.g. runs/large_fr/best) or hub id")
     p.add_argument("--shards", required=True, help="folder holding index.json")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per batch per process")
+    p.add_argument("--batch-size", type=int, default=32, help="clips decoded at once per process (default: 32)")
     p.add_argument("--num-beams", type=int, default=1, help="1: greedy, the event's rule")
     p.add_argument("--max-new-tokens", type=int, default=225)
     p.add_argument("--max-samples", type=int, help="only the first N clips of the split")
     p.add_argument("--language", help="default: the shards' language from index.json")
-    p.add_argument("--out", help="report folder (default: MODEL/eval)")
+    p.add_argument("--task", choices=("transcribe", "translate"), default="transcribe",
+                   help="the task token forced after the language (default: transcribe)")
+    p.add_argument("--out", help="report folder (default: eval/<model>/ in the current directory)")
     p.add_argument("--zero-stage", type=int, choices=(0, 2, 3), default=0,
                    help="wrap the model in DeepSpeed ZeRO-2/3 as in training (weights gathered once)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by DeepSpeed's launcher
     p.set_defaults(func=_evaluate)
 
+    from launcher.launch import DEFAULT_MASTER_PORT, MODES  # stdlib only: cheap enough for every command
+
     p = sub.add_parser("launch", help="print (or --run) the DeepSpeed command for one node, many nodes or SLURM",
-                       description="Print the exact DeepSpeed command(s) that start train_ds.py in the chosen mode, "
+                       description="Print the exact DeepSpeed command(s) that start training in the chosen mode "
+                                   "(train_ds.py where the current folder has it, else --module launcher.train), "
                                    "or run them with --run. single: this machine; hostfile: every node from here "
                                    "through pdsh/ssh; per-node: one command per node (--no_ssh --node_rank I); "
                                    "slurm: an sbatch script. Multi-node modes write HF_*, WANDB_*, NCCL_*, "
                                    "TRANSFORMERS_* and PYTHONPATH to .deepspeed_env (mode 0600) for the other nodes; "
                                    "values are never printed.")
     p.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/large_fr.yaml")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override recipe fields, passed on to train_ds.py")
+    _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
-    p.add_argument("--mode", choices=("single", "hostfile", "per-node", "slurm"), default="single",
+    p.add_argument("--mode", choices=MODES, default="single",
                    help="single (default): this machine; hostfile: DeepSpeed reaches the nodes via pdsh/ssh; "
                         "per-node: one command to run on each node; slurm: an sbatch script")
     p.add_argument("--hostfile", help="hostfile, one `HOSTNAME slots=GPUS` line per node (hostfile, per-node)")
@@ -202,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "with --run")
     p.add_argument("--master-addr", help="address of node 0 reachable from every node (default: first host of "
                                          "the hostfile)")
-    p.add_argument("--master-port", type=int, help="rendezvous port on node 0 (default: 29500)")
+    p.add_argument("--master-port", type=int, help=f"rendezvous port on node 0 (default: a free port in single "
+                                                    f"mode, {DEFAULT_MASTER_PORT} in the multi-node modes)")
     p.add_argument("--launcher", help="hostfile mode: DeepSpeed's multi-node launcher: pdsh (default, over ssh), "
                                       "openmpi, mpich, impi, mvapich, slurm")
     p.add_argument("--nodes", type=int, help="slurm: nodes to allocate")
@@ -215,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole flow on the small bundled corpus, on the CPU")
     p.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-steps", type=int, help="train this many steps instead of the recipe's 120, without "
+                                                 "periodic evaluation (a quicker look at the flow)")
     p.set_defaults(func=_demo)
     return parser
 

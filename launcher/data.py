@@ -14,57 +14,39 @@ within each epoch every sample is seen exactly once.
 
 Resuming on the same number of ranks and workers replays the plan and skips the batches already taken, without
 decoding them: the run goes on exactly as if never stopped. On another number (a 2-GPU run resumed on 1, say),
-each checkpoint's record of what every worker had trained on (`Consumed`) gives a new plan: the epochs still
+each checkpoint's record of what every worker had trained on (`TrainedPositions`) gives a new plan: the epochs still
 open keep only their unseen positions, cut as above among the new ranks and workers (`DataPlan`, `resume_position`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import signal
 import sys
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from launcher.distributed import contiguous_range
 from launcher.errors import LauncherError
-from launcher.features import pad_features
-from launcher.index import load_index
+from launcher.features import stack_features
+from launcher.shards import BadShard, Shard, ShardIndex, load_mel, read_samples
 from launcher.text import normalize_target
 
 MAX_LABEL_TOKENS = 448  # Whisper's decoder has 448 positions
+LABEL_BUCKET = 32  # label lengths are padded to a multiple of this: few distinct shapes, kernels and allocations reused
 
 
-@dataclass(frozen=True)
-class Shard:
-    path: Path
-    samples: int
-    sha256: str | None = None
-
-
-def split_shards(shards_dir: Path, split: str) -> list[Shard]:
-    index = load_index(shards_dir)
-    if split not in index["splits"]:
-        raise LauncherError(f"{shards_dir}/index.json has no split {split!r} (it has: {', '.join(index['splits'])})")
-    shards = [Shard(Path(shards_dir) / s["path"], s["samples"], s.get("sha256"))
-              for s in index["splits"][split]["shards"]]
-    if not any(s.samples for s in shards):
-        raise LauncherError(f"split {split!r} in {shards_dir} has no samples")
-    return [s for s in shards if s.samples]
-
-
-def contiguous_range(total: int, parts: int, part: int) -> tuple[int, int]:
-    """[start, stop) of `part` when `total` items are cut into `parts` ranges whose sizes differ by at most 1."""
-    base, extra = divmod(total, parts)
-    start = part * base + min(part, extra)
-    return start, start + base + (1 if part < extra else 0)
+def train_shards(index: ShardIndex, split: str) -> list[Shard]:
+    """The split's non-empty shards, in index order."""
+    shards = [s for s in index.shards(split) if s.samples]
+    if not shards:
+        raise LauncherError(f"split {split!r} in {index.folder} has no samples")
+    return shards
 
 
 def epoch_shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
@@ -74,52 +56,7 @@ def epoch_shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool)
     return order
 
 
-class BadData(Exception):
-    """A shard or sample that cannot be trained on; `skipped` samples are lost with it."""
-
-    def __init__(self, message: str, skipped: int):
-        super().__init__(message)
-        self.skipped = skipped
-
-
-def read_samples(shard: Path, wanted: Sequence[int]) -> Iterator[tuple[int, str, bytes, bytes]]:
-    """(position, key, mel.npy bytes, json bytes) of the samples at the sorted in-shard positions `wanted`,
-    seeking over the others. A truncated or corrupt tar, or a sample missing a part, raises BadData naming the
-    shard and the last key read."""
-    if not len(wanted):
-        return
-    last, lookup = wanted[-1], wanted if isinstance(wanted, range) else set(wanted.tolist())
-    position, key, parts, delivered = -1, None, {}, 0
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
-                k, _, ext = member.name.partition(".")
-                if k != key:
-                    position, key, parts = position + 1, k, {}
-                    if position > last:
-                        break
-                if position not in lookup or ext not in ("mel.npy", "json"):
-                    continue
-                parts[ext] = tar.extractfile(member).read()
-                if len(parts) == 2:
-                    delivered += 1
-                    yield position, key, parts["mel.npy"], parts["json"]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise BadData(f"shard {shard} is unreadable after key {key!r}: {type(e).__name__}: {e}",
-                      skipped=len(wanted) - delivered) from None
-    if delivered < len(wanted):
-        raise BadData(f"shard {shard} gave {delivered} of the {len(wanted)} samples index.json promises here "
-                      f"(last key {key!r})", skipped=len(wanted) - delivered)
-
-
-def verify_sha256(shard: Shard) -> None:
-    from launcher.index import sha256_file
-
-    if shard.sha256 and sha256_file(shard.path) != shard.sha256:
-        raise BadData(f"shard {shard.path} does not match its sha256 in index.json", skipped=shard.samples)
-
-
-class Targets:
+class LabelEncoder:
     """Transcript -> label ids: [<|lang|>, <|task|>, <|notimestamps|>, text..., <|endoftext|>].
 
     The model puts <|startoftranscript|> in front itself (decoder_start_token_id) when it shifts labels right
@@ -173,7 +110,7 @@ def worker_positions(plan: DataPlan, total: int, epoch: int, world_size: int, ra
     return sequence[lo + w_lo: lo + w_hi]
 
 
-class Consumed:
+class TrainedPositions:
     """What one rank has trained on, per loader worker: the epoch the worker is in (its parts of all earlier epochs
     are done, dropped samples included) and the positions of that epoch in batches the loop has taken. Saved in
     every checkpoint, it lets a resume on another number of ranks or workers leave out exactly what was seen."""
@@ -194,21 +131,21 @@ class Consumed:
                                                                                                 strict=True)]
 
     @classmethod
-    def from_state(cls, state: list[dict]) -> Consumed:
+    def from_state(cls, state: list[dict]) -> TrainedPositions:
         out = cls(len(state), 0)
         out.epochs = [w["epoch"] for w in state]
         out.seen = [w["positions"].tolist() for w in state]
         return out
 
 
-def loader_state(plan: DataPlan, consumed: Consumed, *, world_size: int, rank: int, workers: int) -> dict:
+def loader_state(plan: DataPlan, consumed: TrainedPositions, *, world_size: int, rank: int, workers: int) -> dict:
     """One rank's loader position, as saved in its rank-R.pt (tensors and plain values: weights_only loads it)."""
     return {"world_size": world_size, "rank": rank, "workers": workers, "plan": plan.state(),
             "consumed": consumed.state()}
 
 
 def resume_position(states: list[dict], total: int, *, world_size: int, rank: int, workers: int,
-                    batches: int) -> tuple[DataPlan, Consumed, int]:
+                    batches: int) -> tuple[DataPlan, TrainedPositions, int]:
     """(plan, consumed, batches to skip) for this rank from every old rank's `loader_state`, `batches` being the
     batches the run had taken. Same ranks and workers: the same plan, replayed past what was taken (bitwise the
     uninterrupted run). Otherwise a new plan from the earliest epoch still open, leaving out what any old worker
@@ -216,7 +153,7 @@ def resume_position(states: list[dict], total: int, *, world_size: int, rank: in
     old = states[0]
     old_plan = DataPlan.from_state(old["plan"], total)
     if old["world_size"] == world_size and old["workers"] == workers:
-        return old_plan, Consumed.from_state(states[rank]["consumed"]), batches - old_plan.start_batches
+        return old_plan, TrainedPositions.from_state(states[rank]["consumed"]), batches - old_plan.start_batches
     workers_then = [(st, w, part) for st in states for w, part in enumerate(st["consumed"])]
     first = min(part["epoch"] for _, _, part in workers_then)
     last = max(part["epoch"] for _, _, part in workers_then)
@@ -229,18 +166,18 @@ def resume_position(states: list[dict], total: int, *, world_size: int, rank: in
                                                  w), dtype=np.int64)] = True
             elif part["epoch"] == epoch:
                 mask[part["positions"].numpy()] = True
-    return DataPlan(first, batches, excluded), Consumed(workers, first), 0
+    return DataPlan(first, batches, excluded), TrainedPositions(workers, first), 0
 
 
 class ShardStream(IterableDataset):
     """One rank's endless stream of training samples; see the module docstring for the plan."""
 
-    def __init__(self, shards: list[Shard], targets: Targets, *, rank: int, world_size: int, seed: int,
+    def __init__(self, shards: list[Shard], labels: LabelEncoder, *, rank: int, world_size: int, seed: int,
                  shuffle: bool, shuffle_buffer: int, batch_size: int, plan: DataPlan | None = None,
                  skip_batches: int = 0, verify: bool = False, on_bad_data: str = "skip"):
-        self.shards, self.targets = shards, targets
+        self.shards, self.labels = shards, labels
         self.verify, self.on_bad_data = verify, on_bad_data
-        self._checked: dict[Path, BadData | None] = {}  # sha256 verdicts, per worker process
+        self._checked: dict[Shard, BadShard | None] = {}  # sha256 verdicts, per worker process
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.buffer, self.batch_size = shuffle, max(1, shuffle_buffer), batch_size
         self.total = sum(s.samples for s in shards)
@@ -258,7 +195,7 @@ class ShardStream(IterableDataset):
         (DataLoader takes whole batches from workers in turn: batch i comes from worker i % workers)."""
         return len(range(worker, self.skip_batches, workers)) * self.batch_size
 
-    def _bad(self, error: BadData, worker: int) -> int:
+    def _bad(self, error: BadShard, worker: int) -> int:
         """Report bad data by shard and key; stop the run or skip it, per the recipe. Returns samples lost."""
         if self.on_bad_data == "stop":
             raise LauncherError(f"{error} (data.on_bad_data: stop)")
@@ -268,14 +205,11 @@ class ShardStream(IterableDataset):
 
     def _check(self, shard: Shard) -> None:
         """sha256 against index.json, hashed once per worker; a bad shard stays bad for every later epoch."""
-        if shard.path not in self._checked:
-            try:
-                verify_sha256(shard)
-                self._checked[shard.path] = None
-            except BadData as e:
-                self._checked[shard.path] = e
-        if self._checked[shard.path] is not None:
-            raise self._checked[shard.path]
+        if shard not in self._checked:
+            problem = shard.problem()
+            self._checked[shard] = BadShard(f"shard {shard.path} {problem}", shard.samples) if problem else None
+        if self._checked[shard] is not None:
+            raise self._checked[shard]
 
     def epoch_items(self, epoch: int, worker: int, workers: int) -> Iterator[tuple[Shard, Sequence[int], int]]:
         """(shard, sorted in-shard positions, the shard's offset in the epoch's sequence) for this worker's part
@@ -300,16 +234,16 @@ class ShardStream(IterableDataset):
             try:
                 if self.verify:
                     self._check(shard)
-            except BadData as e:
-                bad[0] += self._bad(BadData(str(e), skipped=len(wanted)), worker)
+            except BadShard as e:
+                bad[0] += self._bad(BadShard(str(e), skipped=len(wanted)), worker)
                 continue
             try:
-                for position, *sample in read_samples(shard.path, wanted):
-                    block.append((shard.path.name, offset + position, *sample))
+                for sample in read_samples(shard.path, wanted):
+                    block.append((shard.path.name, offset + sample.position, sample.key, sample.mel, sample.meta))
                     if len(block) == self.buffer:
                         yield block
                         block = []
-            except BadData as e:
+            except BadShard as e:
                 bad[0] += self._bad(e, worker)
         if block:
             yield block
@@ -328,9 +262,10 @@ class ShardStream(IterableDataset):
                 for shard_name, position, key, mel, meta in block:
                     try:
                         meta = json.loads(meta)
-                        labels = self.targets(meta["text"])
+                        labels = self.labels(meta["text"])
                     except (ValueError, KeyError, TypeError) as e:
-                        bad[0] += self._bad(BadData(f"sample {key!r} of shard {shard_name}: bad json ({e})", 1), worker)
+                        bad[0] += self._bad(BadShard(f"sample {key!r} of shard {shard_name}: bad json ({e})", 1),
+                                            worker)
                         continue
                     if labels is None:
                         dropped += 1
@@ -340,9 +275,9 @@ class ShardStream(IterableDataset):
                         to_skip, dropped, bad[0] = to_skip - 1, 0, 0
                         continue
                     try:
-                        features = torch.from_numpy(np.load(io.BytesIO(mel), allow_pickle=False))
+                        features = torch.from_numpy(load_mel(mel))
                     except (ValueError, OSError, EOFError) as e:
-                        bad[0] += self._bad(BadData(f"sample {key!r} of shard {shard_name}: unreadable features "
+                        bad[0] += self._bad(BadShard(f"sample {key!r} of shard {shard_name}: unreadable features "
                                                     f"({e})", 1), worker)
                         continue
                     yield {"id": meta["id"], "features": features, "labels": labels, "epoch": epoch,
@@ -364,14 +299,18 @@ class ShardStream(IterableDataset):
 
 
 def collate(samples: list[dict], pad_token_id: int = -100) -> dict:
-    """Features padded to Whisper's 3000 frames exactly as WhisperFeatureExtractor pads; labels padded with
-    -100 (ignored by the loss)."""
+    """A batch as it travels to the device: the stored float16 frames (`stack_features`; `features.pad_batch` makes
+    Whisper's 30 s window on the device), labels padded with -100 (ignored by the loss) to a multiple of
+    LABEL_BUCKET tokens, and what the loop records about the samples."""
     longest = max(len(s["labels"]) for s in samples)
-    labels = torch.full((len(samples), longest), pad_token_id, dtype=torch.long)
+    width = min(-(-longest // LABEL_BUCKET) * LABEL_BUCKET, MAX_LABEL_TOKENS)
+    labels = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
     for i, s in enumerate(samples):
         labels[i, : len(s["labels"])] = torch.tensor(s["labels"])
-    return {"input_features": torch.stack([pad_features(s["features"]) for s in samples]), "labels": labels,
-            "ids": [s["id"] for s in samples], "epochs": [s["epoch"] for s in samples],
+    features, frames, pads = stack_features([s["features"] for s in samples])
+    return {"features": features, "frames": frames, "pads": pads, "labels": labels,
+            "tokens": sum(len(s["labels"]) for s in samples), "ids": [s["id"] for s in samples],
+            "epochs": [s["epoch"] for s in samples],
             "positions": [(s["epoch"], s["position"]) for s in samples], "worker": samples[0]["worker"],
             "epoch": max(s["epoch"] for s in samples), "dropped_long": sum(s["dropped_long"] for s in samples),
             "bad_data": sum(s["bad_data"] for s in samples)}

@@ -1,17 +1,30 @@
-"""Process-group start and orderly end, shared by training and evaluation."""
+"""Process-group start and orderly end, and how work is cut among ranks, shared by training and evaluation."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from datetime import timedelta
 
 
-def init_distributed(on_gpu: bool, timeout_minutes: float | None = None) -> None:
+def on_gpu() -> bool:
+    """Whether DeepSpeed's accelerator here is a GPU (DS_ACCELERATOR=cpu, or no GPU, makes it the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cuda"
+
+
+def init_distributed(on_gpu: bool, timeout_minutes: float | None = None, verbose: bool = False) -> None:
     """Join the job's process group (NCCL on GPUs, gloo on the CPU); `timeout_minutes` bounds how long a
     collective waits for a hung or dead rank before the job fails."""
     import deepspeed
 
+    from launcher.console import quiet_stdout
+
     kwargs = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **kwargs)
+    with quiet_stdout(verbose):
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **kwargs)
 
 
 def shutdown_distributed() -> None:
@@ -23,3 +36,47 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def contiguous_range(total: int, parts: int, part: int) -> tuple[int, int]:
+    """[start, stop) of `part` when `total` items are cut into `parts` ranges whose sizes differ by at most 1."""
+    base, extra = divmod(total, parts)
+    start = part * base + min(part, extra)
+    return start, start + base + (1 if part < extra else 0)
+
+
+class Watchdog:
+    """Ends this rank with a clear message when it makes no progress for `minutes`: a rank that is hung or dead
+    leaves the others waiting in a collective. The process group's own timeout is set later than this one
+    (`process_group_minutes`), so the message is ours under NCCL as well, whose watchdog would otherwise abort the
+    process with its own. The loop calls `beat()` at each step, evaluation batch and save."""
+
+    def __init__(self, minutes: float, message: str):
+        import threading
+
+        self.seconds, self.message = minutes * 60.0, message
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="launcher-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._last = time.monotonic()
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(min(1.0, self.seconds / 10)):
+            if time.monotonic() - self._last > self.seconds:
+                print(self.message, file=sys.stderr, flush=True)
+                os._exit(1)  # the rank's launcher sees it and stops the others
+
+
+def process_group_minutes(minutes: float) -> float:
+    """The process group's timeout: later than the watchdog's, so that the watchdog speaks first."""
+    return minutes + max(0.5, 0.1 * minutes)

@@ -6,31 +6,32 @@ Orthographic WER (no normalisation) and CER (normalised characters) are reported
 are counted per sample (Levenshtein distance), so each prediction line carries its own errors; a test checks
 the totals against an independent jiwer computation.
 
-Distribution: each rank decodes a disjoint, contiguous slice of the split (sizes differ by at most one), so
-every sample is decoded exactly once; predictions are gathered to rank 0, which scores and writes the report.
-Under ZeRO-3 the 16-bit weights are gathered once for the whole evaluation, so generation runs with no
-collective per token and ranks with fewer batches never leave others waiting.
+Distribution: each rank decodes a disjoint, contiguous slice of the split (sizes differ by at most one, a rank may
+have none), so every sample is decoded exactly once; predictions are gathered to rank 0, which scores and writes
+the report. Decoding runs on a plain copy of the model (`launcher.model.materialize`: under ZeRO-3 the weights are
+gathered once, chunk by chunk, in the same order on every rank), so no collective runs while a rank decodes and
+ranks that decode different numbers of tokens, or none, never wait on each other.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
+import re
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from launcher.data import contiguous_range
-from launcher.distributed import init_distributed, shutdown_distributed
+from launcher.distributed import contiguous_range, init_distributed, shutdown_distributed
 from launcher.errors import LauncherError
-from launcher.features import pad_features
-from launcher.index import load_index
+from launcher.features import pad_batch, stack_features
+from launcher.model import DTYPES, DecodeSettings, materialize
+from launcher.shards import BadShard, MelRef, ShardIndex, load_index, read_samples
+
+Progress = Callable[[int], None]  # called with the number of clips just decoded
 
 
 @dataclass(frozen=True)
@@ -38,48 +39,22 @@ class EvalItem:
     id: str
     text: str
     seconds: float
-    shard: Path
-    mel_offset: int
-    mel_size: int
-
-    def features(self) -> torch.Tensor:
-        with open(self.shard, "rb") as f:
-            f.seek(self.mel_offset)
-            return torch.from_numpy(np.load(io.BytesIO(f.read(self.mel_size)), allow_pickle=False))
+    mel: MelRef
 
 
-@dataclass(frozen=True)
-class DecodeSettings:
-    language: str
-    task: str = "transcribe"
-    batch_size: int = 16
-    num_beams: int = 1
-    max_new_tokens: int = 225
-
-
-def scan_split(shards_dir: Path, split: str, max_samples: int | None = None) -> list[EvalItem]:
-    """The split's samples in index order (the first `max_samples`), with where each one's features lie."""
-    index = load_index(shards_dir)
-    if split not in index["splits"]:
-        raise LauncherError(f"{shards_dir}/index.json has no split {split!r} (it has: {', '.join(index['splits'])})")
+def scan_split(index: ShardIndex, split: str, max_samples: int | None = None) -> list[EvalItem]:
+    """The split's samples in index order (the first `max_samples`), with where each one's features lie. Reads
+    the tars' headers and JSON once; callers keep the list for every evaluation of a run."""
     items: list[EvalItem] = []
-    for shard in index["splits"][split]["shards"]:
-        path = Path(shards_dir) / shard["path"]
-        mels: dict[str, tuple[int, int]] = {}
+    for shard in index.shards(split):
         try:
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if ext == "mel.npy":
-                        mels[key] = (member.offset_data, member.size)
-                    elif ext == "json":
-                        meta = json.loads(tar.extractfile(member).read())
-                        offset, size = mels.pop(key)
-                        items.append(EvalItem(meta["id"], meta["text"], meta["seconds"], path, offset, size))
-                        if max_samples and len(items) >= max_samples:
-                            return items
-        except (tarfile.TarError, OSError, KeyError) as e:
-            raise LauncherError(f"cannot read shard {path}: {type(e).__name__}: {e}") from None
+            for sample in read_samples(shard.path, load_mel=False):
+                meta = json.loads(sample.meta)
+                items.append(EvalItem(meta["id"], meta["text"], meta["seconds"], sample.mel_ref))
+                if max_samples and len(items) >= max_samples:
+                    return items
+        except (BadShard, ValueError, KeyError, TypeError) as e:  # reported by shard, never half-scored
+            raise LauncherError(f"cannot read evaluation shard {shard.path}: {type(e).__name__}: {e}") from None
     return items
 
 
@@ -136,52 +111,49 @@ def score(predictions: list[dict], normalize) -> tuple[dict, list[dict]]:
 
 # ---- decoding --------------------------------------------------------------------------------------------------
 
-def _gathered_weights(model):
-    """Under ZeRO-3, gather the full 16-bit weights once on every rank for the whole evaluation."""
-    params = list(model.parameters())
-    if params and hasattr(params[0], "ds_id"):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return nullcontext()
-
-
 @torch.no_grad()
-def decode(model, tokenizer, items: list[EvalItem], settings: DecodeSettings, device, dtype,
-           progress=None) -> list[dict]:
-    """Greedy (or beam) decoding of `items`, longest first so padding and batch shapes stay tight."""
+def transcribe(model, tokenizer, items: list[EvalItem], settings: DecodeSettings, device, dtype,
+               progress: Progress | None = None) -> list[dict]:
+    """Decode `items` on a plain model (no DeepSpeed hooks: nothing here talks to other ranks), longest first so
+    batches pad little. Features are padded to Whisper's window on the device."""
     order = sorted(items, key=lambda it: -it.seconds)
+    config = settings.generation_config(model)
     out = []
-    was_training = model.training
-    model.eval()
-    with _gathered_weights(model):
-        for start in range(0, len(order), settings.batch_size):
-            batch = order[start:start + settings.batch_size]
-            features = torch.stack([pad_features(it.features()) for it in batch]).to(device, dtype)
-            tokens = model.generate(input_features=features, language=settings.language, task=settings.task,
-                                    num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens)
-            texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-            out += [{"id": it.id, "reference": it.text, "prediction": text.strip(), "seconds": it.seconds}
-                    for it, text in zip(batch, texts, strict=True)]
-            if progress is not None:
-                progress(len(batch))
-    model.train(was_training)
+    for start in range(0, len(order), settings.batch_size):
+        batch = order[start:start + settings.batch_size]
+        stored, frames, pads = (t.to(device) for t in stack_features([it.mel.load() for it in batch]))
+        features = pad_batch(stored, frames, pads, dtype)
+        # Whisper reads the whole 30 s window, padding included, as in training: the mask is all ones and only
+        # tells `generate` so (its encoder ignores it)
+        mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=device)
+        tokens = model.generate(input_features=features, attention_mask=mask, generation_config=config)
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        out += [{"id": it.id, "reference": it.text, "prediction": text.strip(), "seconds": it.seconds}
+                for it, text in zip(batch, texts, strict=True)]
+        if progress is not None:
+            progress(len(batch))
     return out
 
 
-def evaluate(model, tokenizer, shards_dir: Path, split: str, settings: DecodeSettings, *, device, dtype,
-             max_samples: int | None = None, out_dir: Path | None = None, step: int | None = None,
-             model_name: str = "", recipe_text: str | None = None, progress=None) -> dict | None:
-    """Decode this rank's slice, gather to rank 0 and score there. Collective when a process group is up:
-    every rank must call it. Returns the report on rank 0 (None elsewhere) and writes it under `out_dir`."""
+def evaluate(model, tokenizer, items: list[EvalItem], settings: DecodeSettings, *, split: str, device, dtype,
+             out_dir: Path | None = None, step: int | None = None, model_name: str = "",
+             recipe_text: str | None = None, progress: Progress | None = None) -> dict | None:
+    """Decode this rank's slice of `items` on a plain copy of `model`, gather to rank 0 and score there. Collective
+    when a process group is up: every rank must call it. Returns the report on rank 0 (None elsewhere) and writes
+    it under `out_dir`."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     started = time.perf_counter()
-    items = scan_split(shards_dir, split, max_samples)
     lo, hi = contiguous_range(len(items), world, rank)
-    mine = decode(model, tokenizer, items[lo:hi], settings, device, dtype, progress)
+    plain = materialize(model, device, dtype)  # collective under ZeRO-3
+    try:
+        mine = transcribe(plain, tokenizer, items[lo:hi], settings, device, dtype, progress)
+    finally:
+        del plain
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the copy's memory goes back before training resumes
     if distributed:
         gathered: list = [None] * world if rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
@@ -224,9 +196,16 @@ def write_report(out_dir: Path, report: dict, rows: list[dict]) -> Path:
 
 # ---- `python -m launcher evaluate` -----------------------------------------------------------------------------
 
+def default_report_dir(model_name: str, cwd: Path | None = None) -> Path:
+    """eval/<model>/ in the current directory: never inside the model's folder, which may be read-only or shared."""
+    parts = [p for p in Path(model_name).parts if p not in ("/", ".", "..")][-2:]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", "--".join(parts)) or "model"
+    return (cwd or Path.cwd()) / "eval" / slug
+
+
 def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size: int, num_beams: int,
-                   max_new_tokens: int, max_samples: int | None, language: str | None, out_dir: Path | None,
-                   zero_stage: int, precision: str) -> dict | None:
+                   max_new_tokens: int, max_samples: int | None, language: str | None, task: str,
+                   out_dir: Path | None, zero_stage: int, precision: str) -> dict | None:
     """Load a Hugging Face model (folder or hub id) and evaluate it on one split, on one process or on every
     rank of a `deepspeed`/`torchrun` launch (optionally wrapped in ZeRO-2/3, as during training)."""
     import os
@@ -234,18 +213,22 @@ def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size:
     import torch.distributed as dist
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
+    from launcher.console import progress_bar, quiet_libraries
+
     index = load_index(shards_dir)
-    language = language or index.get("source", {}).get("language")
+    language = language or index.language
     if not language:
         raise LauncherError("--language is needed: index.json does not name the shards' language")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    quiet_libraries(rank, verbose=False)
     on_gpu = torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
         init_distributed(on_gpu)
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    dtype = DTYPES[precision]
     if not on_gpu and dtype != torch.float32:
         raise LauncherError(f"--precision {precision} needs a GPU; use --precision fp32 on the CPU")
     try:
@@ -254,21 +237,24 @@ def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size:
     except (OSError, ValueError) as e:  # a missing folder is reported as a malformed hub id (ValueError)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LauncherError(f"--model {model_name}: cannot load a Whisper model and processor ({first})") from None
-    if zero_stage:
+    if zero_stage == 3:
         import deepspeed
 
-        # ZeRO needs an optimizer to partition for; it is never stepped (lr 0), the engine only holds the weights
-        # as training holds them, so this path is the one periodic evaluation takes.
+        # the weights partitioned as ZeRO-3 training holds them, so this path is the one periodic evaluation takes;
+        # no optimizer: nothing is trained (ZeRO-2 partitions only optimizer state and gradients: its weights are
+        # whole on every rank, the plain model)
         config = {"train_micro_batch_size_per_gpu": batch_size, "zero_optimization": {"stage": zero_stage},
-                  "optimizer": {"type": "AdamW", "params": {"lr": 0.0, **({} if on_gpu else {"torch_adam": True})}},
                   "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"}}
         model = deepspeed.initialize(model=model, config=config)[0].module
     model.to(device)
-    settings = DecodeSettings(language=language, batch_size=batch_size, num_beams=num_beams,
+    settings = DecodeSettings(language=language, task=task, batch_size=batch_size, num_beams=num_beams,
                               max_new_tokens=max_new_tokens)
-    if out_dir is None:
-        out_dir = Path(model_name) / "eval" if Path(model_name).is_dir() else Path("runs") / "eval" / model_name
-    report = evaluate(model, processor.tokenizer, shards_dir, split, settings, device=device, dtype=dtype,
-                      max_samples=max_samples, out_dir=out_dir, model_name=model_name)
+    items = scan_split(index, split, max_samples)
+    mine = len(range(*contiguous_range(len(items), world, rank)))
+    with progress_bar(f"{split}" + (f" (rank 0 of {world})" if world > 1 else ""), mine, "clips",
+                      enabled=rank == 0) as advance:
+        report = evaluate(model, processor.tokenizer, items, settings, split=split, device=device, dtype=dtype,
+                          out_dir=out_dir or default_report_dir(model_name), model_name=model_name,
+                          progress=advance)
     shutdown_distributed()
     return report

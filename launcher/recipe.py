@@ -89,7 +89,9 @@ class EvalSection(Section):
     every_steps: NonNegInt = Field(0, description="0: no periodic evaluation")
     splits: list[str] = ["validation"]
     max_samples: PositiveInt | None = None
-    batch_size_per_gpu: PositiveInt | None = None
+    batch_size_per_gpu: PositiveInt = Field(
+        32, description="clips decoded at once per GPU: generation keeps no activations for a backward pass, so it "
+                        "takes larger batches than training")
     max_new_tokens: Annotated[int, Field(ge=1, le=444)] = 225
     num_beams: PositiveInt = 1
     test_at_end: bool = Field(True, description="score the delivered model on the test split and write its card")
@@ -107,6 +109,8 @@ class LoggingSection(Section):
     wandb: bool = False
     wandb_project: str | None = None
     sample_ids: bool = Field(False, description="write the ids of every trained sample to samples/rank-R.jsonl")
+    verbose: bool = Field(False, description="let DeepSpeed, transformers and torch print their INFO lines and "
+                                             "progress bars (on every rank)")
 
 
 class Recipe(Section):
@@ -236,9 +240,18 @@ def load_model_config(name_or_path: str) -> dict:
                             f"({type(e).__name__}: {first})") from None
 
 
-def check_against_data_and_model(recipe: Recipe) -> tuple[dict, dict]:
-    """Cross-checks that need index.json and the model's config; returns both. All problems at once."""
-    from launcher.index import load_index
+def whisper_language_code(language: str) -> str | None:
+    """'fr' or 'french' -> 'fr' (Whisper accepts both); None for a language Whisper does not know."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    language = language.lower()
+    return language if language in LANGUAGES else TO_LANGUAGE_CODE.get(language)
+
+
+def check_against_data_and_model(recipe: Recipe):
+    """Cross-checks that need index.json and the model's config; returns both (a ShardIndex and the config
+    dict), read once for the whole run. All problems at once."""
+    from launcher.shards import load_index
 
     problems, index, config = [], None, None
     try:
@@ -249,21 +262,29 @@ def check_against_data_and_model(recipe: Recipe) -> tuple[dict, dict]:
         config = load_model_config(recipe.model.name_or_path)
     except LauncherError as e:
         problems.append(str(e))
+    language = whisper_language_code(recipe.model.language)
+    if language is None:
+        problems.append(f"model.language: got {recipe.model.language!r}, expected one of Whisper's language codes "
+                        f"(e.g. fr, de, es) or names")
     if index is not None:
         for field, split in [("data.train_split", recipe.data.train_split),
                              *((f"eval.splits[{i}]", s) for i, s in enumerate(recipe.eval.splits))]:
-            if split not in index["splits"]:
+            if not index.has_split(split):
                 problems.append(f"{field}: got {split!r}, expected one of the shards' splits "
-                                f"({', '.join(index['splits'])})")
+                                f"({', '.join(index.split_names)})")
         if recipe.eval.every_steps and "test" in recipe.eval.splits:
             problems.append("eval.splits: periodic evaluation must not use the test split (it picks the best "
                             "checkpoint); test is scored once at the end")
+        shards_language = index.language and whisper_language_code(index.language)
+        if language and shards_language and shards_language != language:
+            problems.append(f"model.language: got {recipe.model.language!r}, but the shards in {index.folder} are "
+                            f"{index.language!r} (index.json, source.language): set model.language: "
+                            f"{index.language}, or point data.shards at {recipe.model.language} shards")
     if index is not None and config is not None:
-        n_mels = index["features"].get("n_mels")
-        if n_mels != config.get("num_mel_bins"):
-            problems.append(f"data.shards: features have n_mels={n_mels}, but model {recipe.model.name_or_path!r} "
-                            f"expects num_mel_bins={config.get('num_mel_bins')}; reshard with --n-mels "
-                            f"{config.get('num_mel_bins')}")
+        if index.n_mels != config.get("num_mel_bins"):
+            problems.append(f"data.shards: features have n_mels={index.n_mels}, but model "
+                            f"{recipe.model.name_or_path!r} expects num_mel_bins={config.get('num_mel_bins')}; "
+                            f"reshard with --n-mels {config.get('num_mel_bins')}")
     if problems:
         raise LauncherError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return index, config
@@ -271,20 +292,32 @@ def check_against_data_and_model(recipe: Recipe) -> tuple[dict, dict]:
 
 # ---- DeepSpeed --------------------------------------------------------------------------------------------------
 
-def deepspeed_config(recipe: Recipe, world_size: int, on_gpu: bool = True) -> dict:
+def deepspeed_config(recipe: Recipe, world_size: int, *, on_gpu: bool, nodes: int = 1,
+                     d_model: int | None = None) -> dict:
     """The DeepSpeed config, every number concrete (no "auto"): optimizer, schedule, ZeRO, precision.
-    Off the GPU, DeepSpeed's fused Adam would need a C++ build: torch's AdamW is used instead."""
+
+    - Optimizer: torch's AdamW (`torch_adam`, which DeepSpeed passes through), fused on the GPU. DeepSpeed's own
+      FusedAdam and CPUAdam are compiled on first use (nvcc and a CUDA toolkit matching torch's, or a C++
+      compiler), which a cluster node often lacks; with `offload_optimizer` torch's AdamW steps on the CPU copy.
+    - bf16 accumulates gradients in fp32 (`grad_accum_dtype`): summing many micro-batches in bf16 loses bits.
+    - Buckets: bigger on several nodes, where each message pays a network latency; under ZeRO-3 sized from the
+      model width (`d_model`) as the Hugging Face integration does, else DeepSpeed-sized defaults.
+    """
     o, d = recipe.optim, recipe.deepspeed
+    bucket = 200_000_000 if nodes > 1 else 50_000_000
     zero: dict[str, Any] = {"stage": d.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
-                            "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
+                            "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if d.zero_stage == 3:
-        zero.update({"stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
+        width = d_model or 1024
+        zero.update({"reduce_bucket_size": max(bucket, width * width),
+                     "stage3_prefetch_bucket_size": int(0.9 * max(bucket, width * width)),
+                     "stage3_param_persistence_threshold": 10 * width,
                      "stage3_gather_16bit_weights_on_model_save": True})
         zero.pop("allgather_bucket_size")
     if d.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if d.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     warmup = o.warmup_steps
     if o.schedule == "linear":
         scheduler = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
@@ -304,11 +337,13 @@ def deepspeed_config(recipe: Recipe, world_size: int, on_gpu: bool = True) -> di
         "train_batch_size": micro * o.grad_accum * world_size,
         "gradient_clipping": o.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
-                                                   "weight_decay": o.weight_decay,
-                                                   **({} if on_gpu else {"torch_adam": True})}},
+                                                   "weight_decay": o.weight_decay, "torch_adam": True,
+                                                   **({"fused": True} if on_gpu and not d.offload_optimizer else {})}},
+        "zero_force_ds_cpu_optimizer": False,  # with offload_optimizer: torch's AdamW on the CPU, nothing compiled
         "scheduler": scheduler,
         "zero_optimization": zero,
         "bf16": {"enabled": d.precision == "bf16"},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if d.precision == "bf16" else {}),
         "fp16": {"enabled": d.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 1_000_000_000,  # the launcher logs; DeepSpeed's own prints would interleave
@@ -319,43 +354,117 @@ def deepspeed_config(recipe: Recipe, world_size: int, on_gpu: bool = True) -> di
 
 # ---- the memory estimate ---------------------------------------------------------------------------------------
 
-def memory_estimate(recipe: Recipe, config_dict: dict, world_size: int) -> dict[str, float]:
-    """GiB per GPU, an estimate to choose ZeRO stage, offload and checkpointing before queueing a job.
+CPU_RANK_BASELINE_GIB = 0.45  # a CPU rank's RSS before any of the model's tensors: see memory_estimate
+_PARAMETER_COUNTS: dict[str, tuple[int, int]] = {}
 
-    Model states (Ψ parameters, mixed precision, Adam): 16-bit weights 2Ψ (÷ world under ZeRO-3), 16-bit
-    gradients 2Ψ ÷ world (ZeRO-2/3 partition them), fp32 master weights + Adam moments 12Ψ ÷ world (0 on the
-    GPU when offloaded). fp32 training keeps 4Ψ weights and 4Ψ gradients instead. Activations per sample and
-    layer, 16-bit, with SDPA (no attention matrix kept): about 34·s·h bytes (Korthikanti et al. 2022, without
-    the 5·a·s² term), s = 1500 positions in the encoder and 224 label tokens in the decoder; with gradient
-    checkpointing only each layer's input, 2·s·h, plus one layer's full set; a frozen encoder keeps none.
-    10% on top for buffers.
+
+def _parameter_counts(config) -> tuple[int, int]:
+    """(all, encoder) parameters of a WhisperConfig, counted on the meta device (no memory, no weights read)."""
+    key = config.to_json_string()
+    if key not in _PARAMETER_COUNTS:
+        import torch
+        from transformers import WhisperForConditionalGeneration
+
+        with torch.device("meta"):
+            model = WhisperForConditionalGeneration(config)
+        _PARAMETER_COUNTS[key] = (sum(p.numel() for p in model.parameters()),
+                                  sum(p.numel() for p in model.model.encoder.parameters()))
+    return _PARAMETER_COUNTS[key]
+
+
+def memory_estimate(recipe: Recipe, config_dict: dict, world_size: int, *, on_gpu: bool = True,
+                    label_tokens: int = 224) -> dict[str, float]:
+    """GiB per rank, to choose ZeRO stage, offload, checkpointing and batch before queueing a job: one GPU's
+    memory (`on_gpu`, what torch.cuda.max_memory_allocated reports), or a CPU rank's peak RSS.
+
+    Ψ parameters, Ψt trainable (the encoder's left out when frozen), w ranks; every term counts what DeepSpeed
+    0.19 and transformers' Whisper actually allocate for the config `deepspeed_config` builds:
+
+    - weights: the model's own copy, 2Ψ in bf16/fp16, 4Ψ in fp32 (÷ w under ZeRO-3, plus the weights it gathers
+      ahead of use, `stage3_prefetch_bucket_size`; only those with offload_params).
+    - optimizer: fp32 master weights 4Ψt/w, a clone even in fp32 (so an fp32 run holds its weights twice), and
+      Adam's two fp32 moments 8Ψt/w; none on the GPU when offloaded (`offloaded_gib`: the host's share).
+    - gradients: the gradient partition in the accumulation dtype, 4Ψt/w in fp32 and in bf16 (accumulated in
+      fp32: `data_types.grad_accum_dtype`), 2Ψt/w in fp16; plus the buffers every gradient passes through on its
+      way there: ZeRO-2's two `reduce_bucket_size` buckets (overlap_comm), ZeRO-3's one, in the weights' dtype. On
+      the GPU a bucket counts whole; on the CPU only the pages written count (all trainable gradients, at most the
+      buckets' size).
+    - activations: what the forward pass keeps for the backward pass, per sample, in the activation dtype (2 or 4
+      bytes), h = d_model, f = FFN width, S = 1500 encoder positions, T = `label_tokens`: the conv stem 5·S·h +
+      2·S·n_mels; per encoder layer (9 + 2f/h)·S·h (layer-norm inputs and outputs, q, k, v, the attention output
+      and its copy, two FFN tensors of f); per decoder layer (14 + 2f/h)·T·h plus the cross-attention's keys and
+      values of the whole encoder output, 2·S·h, the bulk of the decoder at Whisper's label lengths; layer norms
+      at the ends; dropout masks (1 byte) where the config has dropout. The logits, T × vocabulary (51865), three
+      copies at the start of the backward pass (log-softmax output and the two gradients of the loss): 1.0 GiB
+      in fp32 for 8 x 224 tokens. With gradient checkpointing each layer keeps only its input, plus one layer
+      recomputed in full; a frozen encoder keeps only its output.
+    - step: at the optimizer step the activations are gone, and what is held instead may be the larger: in fp32
+      and fp16 ZeRO-2 flattens the gradient partition into a new fp32 tensor (4Ψt/w, and 2Ψt/w more in fp16), and
+      torch's unfused AdamW (on the CPU, where it is not fused) makes two temporaries of the partition (8Ψt/w).
+    - baseline (CPU ranks only): interpreter, torch, transformers, DeepSpeed, the tokenizer and gloo, before any of
+      the model's tensors: 0.45 GiB of RSS, measured on Linux x86-64 (Python 3.11, torch 2.13 CPU build,
+      transformers 5.24, DeepSpeed 0.19.8). Not counted on a GPU (nor the CUDA context, which
+      max_memory_allocated leaves out).
+
+    total = baseline + weights + optimizer + max(gradients + activations, step). Batches are padded to their
+    longest label, so `label_tokens` is the longest batch a run meets: 224 (half the decoder's 448 positions) by
+    default, above Common Voice's sentences.
+
+    Measured (bench/memory.py, whisper-base, batch 8, fp32, ZeRO-2, one CPU rank, 32-token labels): the live
+    bytes (malloc in use) peak within ~5% of this sum; the rank's peak RSS is higher by what glibc keeps of the
+    freed activations (its heap is not given back), ~1 GiB here, which is not modelled. Against peak RSS the
+    estimate is within -15%..+5% (bench/results/memory.json: full fine-tuning 5.97 GiB measured, frozen encoder,
+    gradient checkpointing, the tiny model). Not measured: anything on a GPU (bf16, fp16, ZeRO-3 and offload
+    follow from DeepSpeed's code, not from a run).
     """
-    import torch
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from transformers import WhisperConfig
 
     config = WhisperConfig.from_dict(config_dict)
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in WhisperForConditionalGeneration(config).parameters())
-    n_trainable = n_params
-    if recipe.model.freeze_encoder:
-        with torch.device("meta"):
-            n_trainable -= sum(p.numel() for p in WhisperForConditionalGeneration(config).model.encoder.parameters())
-    d, w = recipe.deepspeed, world_size
+    n_params, encoder_params = _parameter_counts(config)
+    m, d, w = recipe.model, recipe.deepspeed, world_size
+    n_trainable = n_params - (encoder_params if m.freeze_encoder else 0)
+    zero = deepspeed_config(recipe, w, on_gpu=on_gpu, d_model=config.d_model)["zero_optimization"]
+    zero3, bucket = d.zero_stage == 3, zero["reduce_bucket_size"]
     half = d.precision in ("bf16", "fp16")
-    weight_bytes = 2 if half else 4
-    weights = weight_bytes * n_params / (w if d.zero_stage == 3 else 1)
-    if d.offload_params:
-        weights = 0.0
-    grads = weight_bytes * n_trainable / w
-    optim = 0.0 if d.offload_optimizer else (12 if half else 8) * n_trainable / w
-    h, b, ckpt = config.d_model, recipe.data.batch_size_per_gpu, recipe.model.gradient_checkpointing
+    wb = 2 if half else 4  # bytes per weight and per activation
+    part = n_trainable / w  # this rank's share of the trainable parameters (ZeRO-2 and -3 partition them)
 
-    def stack(positions: int, n_layers: int) -> float:  # bytes per sample, 16-bit activations
-        return 2 * positions * h * n_layers + 34 * positions * h if ckpt else 34 * positions * h * n_layers
+    gathered = min(n_params * (1 - 1 / w), zero.get("stage3_prefetch_bucket_size", 0)) if zero3 else 0
+    weights = wb * ((0 if d.offload_params else n_params / (w if zero3 else 1)) + gathered)
+    optimizer = 0.0 if d.offload_optimizer else 12 * part
+    grad_partition = (2 if d.precision == "fp16" else 4) * part
+    bucket_elements = (1 if zero3 else 2) * bucket
+    buckets = wb * (bucket_elements if on_gpu else min(n_trainable, bucket_elements))
+    gradients = (0.0 if d.offload_optimizer else grad_partition) + buckets
+    flat_copy = 0 if zero3 or d.precision == "bf16" else (4 + (2 if d.precision == "fp16" else 0)) * part
+    adam_temps = 8 * part if not on_gpu and not d.offload_optimizer else 0
+    held = 0.0 if d.offload_optimizer else grad_partition  # still held while the flat copy is made
+    step = max(held + flat_copy, flat_copy + adam_temps)
+    offloaded = (16 * part if d.offload_optimizer else 0) + (wb * n_params / w if d.offload_params else 0)
 
-    encoder = 0.0 if recipe.model.freeze_encoder else stack(1500, config.encoder_layers)  # frozen: no backward
-    acts = (encoder + stack(448 // 2, config.decoder_layers)) * b * (1 if half else 2)
-    gib = 1024 ** 3
-    total = (weights + grads + optim + acts) * 1.1
-    return {"parameters_millions": n_params / 1e6, "weights_gib": weights / gib, "gradients_gib": grads / gib,
-            "optimizer_gib": optim / gib, "activations_gib": acts / gib, "total_gib": total / gib}
+    S, T, h, V = config.max_source_positions, label_tokens, config.d_model, config.vocab_size
+    fe, fd = config.encoder_ffn_dim / h, config.decoder_ffn_dim / h
+    mask_enc = (2 * S * h if config.dropout else 0) + (S * h * fe if config.activation_dropout else 0)
+    mask_dec = (3 * T * h if config.dropout else 0) + (T * h * fd if config.activation_dropout else 0)
+    enc_layer = wb * (9 + 2 * fe) * S * h + mask_enc  # bytes per sample
+    dec_layer = wb * ((14 + 2 * fd) * T * h + 2 * S * h) + mask_dec
+    stem = wb * (5 * S * h + 2 * S * config.num_mel_bins)
+    if m.freeze_encoder:
+        encoder = wb * S * h  # no backward through it: only its output, which every cross-attention reads
+    elif m.gradient_checkpointing:
+        encoder = stem + wb * (config.encoder_layers + 2) * S * h + enc_layer
+    else:
+        encoder = stem + config.encoder_layers * enc_layer + wb * 2 * S * h
+    if m.gradient_checkpointing:
+        decoder = wb * (config.decoder_layers + 2) * T * h + dec_layer
+    else:
+        decoder = config.decoder_layers * dec_layer + wb * 2 * T * h
+    logits = recipe.data.batch_size_per_gpu * wb * 3 * T * V
+    activations = recipe.data.batch_size_per_gpu * (encoder + decoder) + logits
+    baseline = 0.0 if on_gpu else CPU_RANK_BASELINE_GIB * 2**30
+    total = baseline + weights + optimizer + max(gradients + activations, step)
+    gib = 2**30
+    return {"parameters_millions": n_params / 1e6, "weights_gib": weights / gib, "gradients_gib": gradients / gib,
+            "optimizer_gib": optimizer / gib, "activations_gib": activations / gib, "logits_gib": logits / gib,
+            "step_gib": step / gib, "baseline_gib": baseline / gib, "offloaded_gib": offloaded / gib,
+            "total_gib": total / gib}

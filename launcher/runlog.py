@@ -5,11 +5,14 @@ Other ranks get a logger that does nothing, so the loop never branches on the ra
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from launcher.console import RateColumn
 
 
 class RunLogger:
@@ -34,12 +37,11 @@ class RunLogger:
                                         id=wandb_id, resume="allow", dir=str(run_dir))
             self.wandb_id = self.wandb_run.id
         self.live = self.console.is_terminal
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  console=self.console, disable=not self.live)
         self.task = self.progress.add_task("train", total=max_steps, completed=start_step, status="")
         self.progress.start()
-        self.started = time.time()
 
     def log(self, record: dict) -> None:
         """One logged step: appended to train_log.jsonl, TensorBoard and W&B, shown on the console."""
@@ -59,7 +61,25 @@ class RunLogger:
         if self.live:
             self.progress.update(self.task, completed=step, status=status)
         else:
-            self.console.print(f"step {step}  {status}")
+            self.console.print(f"step {step}  {status}", soft_wrap=True)
+
+    @contextmanager
+    def progress_task(self, description: str, total: int, unit: str = "clips") -> Iterator[Callable[[int], None]]:
+        """A second bar under the training one while something long runs (an evaluation); yields `advance(n)`."""
+        if not (self.enabled and self.live):
+            yield lambda n: None
+            return
+        rate = RateColumn(unit)
+        task = self.progress.add_task(description, total=total, status="")
+
+        def advance(n: int) -> None:
+            self.progress.advance(task, n)
+            self.progress.update(task, status=str(rate.render(next(t for t in self.progress.tasks if t.id == task))))
+
+        try:
+            yield advance
+        finally:
+            self.progress.remove_task(task)
 
     def scalars(self, prefix: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -72,7 +92,7 @@ class RunLogger:
 
     def print(self, message: str) -> None:
         if self.enabled:
-            (self.progress.console if self.live else self.console).print(message)
+            (self.progress.console if self.live else self.console).print(message, soft_wrap=True)
 
     def close(self) -> None:
         if not self.enabled:

@@ -23,10 +23,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from launcher.demo import DEMO_CORPUS
+
 if TYPE_CHECKING:
     from transformers import GenerationConfig, WhisperConfig, WhisperTokenizer
 
-DEMO_CORPUS = Path(__file__).resolve().parent.parent / "assets" / "demo_corpus" / "fr"
 EOT = "<|endoftext|>"
 SOT = "<|startoftranscript|>"
 TASKS = ("translate", "transcribe")
@@ -116,12 +117,15 @@ def build_generation_config(ids: dict[str, int]) -> GenerationConfig:
 
 
 def build_tiny_whisper(out: Path, *, n_mels: int = 80, texts: Iterable[str] | None = None, vocab_size: int = 400,
-                       seed: int = 0, d_model: int = 64, layers: int = 2, heads: int = 4) -> Path:
+                       seed: int = 0, d_model: int = 64, layers: int = 2, heads: int = 4,
+                       model_vocab_size: int | None = None) -> Path:
     """Write a tiny random Whisper folder to `out` and return `out`.
 
     `texts` trains the tokenizer (default: the bundled French corpus's sentences); `vocab_size` bounds the BPE
-    tokens only (fewer when the texts run out of pairs to merge), the special tokens come after them. Same
-    arguments, same tokenizer files and weights.
+    tokens only (fewer when the texts run out of pairs to merge), the special tokens come after them.
+    `model_vocab_size` pads the model's embedding and output rows beyond the tokenizer's (large-v3 has 51866) for
+    models that must have a real Whisper's shape; those ids decode to nothing. Same arguments, same tokenizer files
+    and weights.
     """
     import torch
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
@@ -129,7 +133,10 @@ def build_tiny_whisper(out: Path, *, n_mels: int = 80, texts: Iterable[str] | No
     out = Path(out)
     tokenizer = build_tokenizer(demo_sentences() if texts is None else texts, vocab_size)
     ids = special_ids(tokenizer)
-    config = build_config(ids, len(tokenizer), n_mels=n_mels, d_model=d_model, layers=layers, heads=heads)
+    if model_vocab_size is not None and model_vocab_size < len(tokenizer):
+        raise ValueError(f"model_vocab_size {model_vocab_size} is less than the tokenizer's {len(tokenizer)} tokens")
+    config = build_config(ids, model_vocab_size or len(tokenizer), n_mels=n_mels, d_model=d_model, layers=layers,
+                          heads=heads)
     # seeded in a forked RNG so building a model leaves the caller's random stream as it was
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

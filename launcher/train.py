@@ -1,13 +1,19 @@
-"""The training loop around the DeepSpeed engine; `train_ds.py` is its entry point.
+"""The training loop around the DeepSpeed engine; `train_ds.py` (or `deepspeed --module launcher.train`) runs it.
 
-Everything that can be wrong with a recipe is checked before the process group starts. Then every rank
-builds the same model, streams its own part of the shards (launcher.data) and runs exactly
-`optim.max_steps` optimizer steps, so no rank waits forever for another.
+Everything that can be wrong with a recipe is checked before the process group starts. Then every rank builds the
+same model, streams its own part of the shards (launcher.data) and runs exactly `optim.max_steps` optimizer steps,
+so no rank waits forever for another.
+
+Per step the loop adds nothing that waits for the device or for other ranks: losses are summed on the device, a
+step whose gradients are not finite is skipped by DeepSpeed itself (its global gradient norm is the same on every
+rank), and the ranks talk only at "sync steps" (logging steps, at most SYNC_EVERY steps apart), where one
+all-reduce carries the window's numbers and any stop request.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -15,13 +21,17 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from launcher.distributed import init_distributed, shutdown_distributed
+from launcher.distributed import Watchdog, init_distributed, on_gpu, process_group_minutes, shutdown_distributed
 from launcher.errors import LauncherError
+from launcher.launch import STOP_FILE
 from launcher.recipe import Recipe, check_against_data_and_model, deepspeed_config, load_recipe, recipe_yaml
+
+SYNC_EVERY = 10  # steps between the ranks' agreements on a stop request, when logging is rarer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,46 +44,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def hung_rank_message(minutes: float) -> str:
+    return (f"error (rank {_rank()}): no answer from another rank within deepspeed.timeout_minutes={minutes:g}: a rank "
+            f"is hung or dead (or the network between nodes is down), so the job stops; continue from the last "
+            f"checkpoint with --resume")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        check_against_data_and_model(recipe)
+        index, config = check_against_data_and_model(recipe)
         _check_precision(recipe)
     except LauncherError as e:
-        if _is_rank0():
+        if _rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    from launcher.console import quiet_libraries
+
+    quiet_libraries(_rank(), recipe.logging.verbose)
     try:
-        train(recipe, resume=args.resume)  # stopped on request (SIGTERM) or finished: both exit 0
+        train(recipe, index, config, resume=args.resume)  # stopped on request (SIGTERM) or finished: both exit 0
         shutdown_distributed()
     except BaseException as e:  # noqa: BLE001 - a failing rank must die now, not hang in exit handlers
-        rank = os.environ.get("RANK", 0)
-        if isinstance(e, LauncherError):
-            print(f"error (rank {rank}): {e}", file=sys.stderr)
-        elif isinstance(e, RuntimeError) and "timed out" in str(e).lower():
-            print(f"error (rank {rank}): no answer from another rank within deepspeed.timeout_minutes="
-                  f"{recipe.deepspeed.timeout_minutes:g}: a rank is hung or dead (or the network between nodes is "
-                  f"down), so the job stops; continue from the last checkpoint with --resume\n  ({e})",
-                  file=sys.stderr)
-        else:
-            traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Python's normal exit would join loader workers, flush writers and tear down the process group while
-        # other ranks wait in a collective for this one: leave at once, and DeepSpeed's launcher stops the rest.
-        os._exit(2 if isinstance(e, LauncherError) else 1)
+        code = 2 if isinstance(e, LauncherError) else 1
+        try:  # whoever read our output may be gone (a broken pipe): leave all the same
+            if isinstance(e, LauncherError):
+                print(f"error (rank {_rank()}): {e}", file=sys.stderr)
+            elif isinstance(e, RuntimeError) and "timed out" in str(e).lower():
+                print(f"{hung_rank_message(recipe.deepspeed.timeout_minutes)}\n  ({e})", file=sys.stderr)
+            else:
+                traceback.print_exc()
+                advice = _advice(traceback.format_exc())
+                if advice:
+                    print(f"error (rank {_rank()}): {advice}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            # Python's normal exit would join loader workers, flush writers and tear down the process group while
+            # other ranks wait in a collective for this one: leave at once, and DeepSpeed's launcher stops the rest.
+            os._exit(code)
     return 0
 
 
-def _on_gpu() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cuda"
+def _advice(text: str) -> str | None:
+    """The launcher's one line of advice for a known failure (the rendezvous port taken, ...), if any."""
+    try:
+        from launcher.launch import explain_launch_failure
+    except ImportError:
+        return None
+    return explain_launch_failure(1, text)
 
 
 def _check_precision(recipe: Recipe) -> None:
@@ -82,7 +106,7 @@ def _check_precision(recipe: Recipe) -> None:
     precision = recipe.deepspeed.precision
     if precision == "fp32":
         return
-    if not _on_gpu():
+    if not on_gpu():
         raise LauncherError(f"deepspeed.precision: got {precision!r}, expected 'fp32' without a GPU "
                             "(add --set deepspeed.precision=fp32 for a CPU run)")
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
@@ -98,47 +122,89 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(recipe: Recipe):
-    """The model and processor from `model.name_or_path`, configured for training as the recipe says."""
-    import torch
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-    m = recipe.model
-    processor = WhisperProcessor.from_pretrained(m.name_or_path)
-    model = WhisperForConditionalGeneration.from_pretrained(m.name_or_path, attn_implementation=m.attn_implementation,
-                                                            dtype=torch.float32)
-    model.config.use_cache = False  # the cache only serves generation; in training it costs memory
-    sa = m.spec_augment
-    model.config.apply_spec_augment = sa.enabled
-    model.config.mask_time_prob, model.config.mask_time_length = sa.mask_time_prob, sa.mask_time_length
-    model.config.mask_feature_prob, model.config.mask_feature_length = sa.mask_feature_prob, sa.mask_feature_length
-    model.generation_config.forced_decoder_ids = None
-    if m.freeze_encoder:
-        model.model.encoder.requires_grad_(False)
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, processor
-
-
 class StopRequest:
-    """SIGTERM (SLURM preemption, spot reclaim) or SIGINT sets a flag; the loop checks it on every rank at each
-    step boundary (one all-reduce), so all ranks agree on the step at which they save and leave."""
+    """SIGTERM or SIGINT (SLURM preemption, spot reclaim, Ctrl-C), or the file output_dir/STOP, asks the run to
+    save and stop; the ranks agree on it at the next sync step, so all save at the same step. The file is how the
+    SLURM script and `launch --run` ask (DeepSpeed's launcher kills ranks 30 s after it is signalled itself, too
+    soon for a large checkpoint); rank 0 removes it once the checkpoint is saved."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, stop_file: Path) -> None:
+        self.signalled = False
+        self.stop_file = stop_file
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.signalled = True
 
-    def agreed(self, device) -> bool:
+    def done(self) -> None:
+        if _rank() == 0:
+            self.stop_file.unlink(missing_ok=True)
+
+    @property
+    def requested(self) -> bool:
+        """This rank's view (rank 0 also looks for the stop file, on the shared run folder)."""
+        return self.signalled or (_rank() == 0 and self.stop_file.exists())
+
+
+@dataclass
+class Window:
+    """What the loop sums between two logged steps. Losses stay on the device (no wait per step)."""
+
+    loss: object  # tensor: sum of finite micro-batch losses
+    finite: object  # tensor: how many micro-batch losses were finite
+    samples: int = 0
+    tokens: int = 0
+    dropped: int = 0
+    bad: int = 0
+    skipped: int = 0
+    seconds: float = 0.0  # time spent in training steps (data wait included; evaluation and saving not)
+
+    @classmethod
+    def new(cls, device) -> Window:
         import torch
-        import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return cls(loss=torch.zeros((), device=device), finite=torch.zeros((), device=device))
+
+
+@dataclass
+class StepResult:
+    batches: list[dict]  # the micro-batches of the step, on the host
+    losses: list = field(default_factory=list)  # their loss tensors, on the device
+
+
+def train_step(engine, batches, grad_accum: int, device, dtype) -> StepResult:
+    """One optimizer step: `grad_accum` micro-batches forward and backward, then DeepSpeed's step. Waits for
+    nothing: a non-finite loss gives non-finite gradients, and DeepSpeed skips a step whose global gradient norm
+    is not finite on every rank alike (`engine.was_step_applied()`)."""
+    from launcher.features import pad_batch
+
+    result = StepResult([])
+    for _ in range(grad_accum):
+        batch = next(batches)
+        stored, frames, pads = (batch[k].to(device, non_blocking=True) for k in ("features", "frames", "pads"))
+        features = pad_batch(stored, frames, pads, dtype)  # Whisper's 30 s window, made on the device
+        labels = batch["labels"].to(device, non_blocking=True)
+        loss = engine(input_features=features, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+        result.batches.append(batch)
+        result.losses.append(loss.detach().float())
+    return result
+
+
+def _preflight(recipe: Recipe) -> None:
+    """`launcher doctor`'s checks on every rank (a few collectives, no model): all ranks stop together, before the
+    first hour is spent, if the run folder is not shared, the code or recipe differ, a shard is missing, ..."""
+    from launcher.doctor import failed, preflight_job
+
+    checks, report = preflight_job(recipe)
+    if failed(checks):
+        if _rank() == 0:
+            print(report, file=sys.stderr, flush=True)
+        raise LauncherError("the preflight failed (above); `python -m launcher doctor --recipe RECIPE` checks again")
+    if _rank() == 0 and any(c.status == "WARN" for c in checks):
+        print("\n".join(line for line in report.splitlines() if "WARN" in line), file=sys.stderr, flush=True)
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
@@ -156,7 +222,7 @@ def _truncate_jsonl(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
-def train(recipe: Recipe, resume: bool = False) -> bool:
+def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bool:
     """Run the recipe on every rank. Returns False when it stopped early on request (a checkpoint is saved)."""
     import deepspeed
     import torch
@@ -164,6 +230,7 @@ def train(recipe: Recipe, resume: bool = False) -> bool:
     from deepspeed.accelerator import get_accelerator
 
     from launcher.checkpoint import (
+        LoopState,
         find_resume_point,
         load_checkpoint,
         rng_state,
@@ -172,29 +239,35 @@ def train(recipe: Recipe, resume: bool = False) -> bool:
         to_universal,
     )
     from launcher.data import (
-        Consumed,
         DataPlan,
+        LabelEncoder,
         ShardStream,
-        Targets,
+        TrainedPositions,
         loader_state,
         resume_position,
-        split_shards,
         train_loader,
+        train_shards,
     )
+    from launcher.model import DTYPES, load_model
+    from launcher.periodic import PeriodicEval
     from launcher.runlog import RunLogger
 
-    stop = StopRequest()
-    on_gpu = _on_gpu()
-    init_distributed(on_gpu, recipe.deepspeed.timeout_minutes)
+    run_dir = Path(recipe.output_dir)
+    stop = StopRequest(run_dir / STOP_FILE)
+    gpu = on_gpu()
+    minutes = recipe.deepspeed.timeout_minutes
+    init_distributed(gpu, process_group_minutes(minutes), recipe.logging.verbose)
+    watchdog = Watchdog(minutes, hung_rank_message(minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     accelerator = get_accelerator()
-    if on_gpu:
+    if gpu:
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = torch.device(accelerator.device_name(), accelerator.current_device() if on_gpu else None)
+    device = torch.device(accelerator.device_name(), accelerator.current_device() if gpu else None)
+    _preflight(recipe)
     _seed_everything(recipe.seed)
 
-    run_dir = Path(recipe.output_dir)
-    ds_config = deepspeed_config(recipe, world, on_gpu=on_gpu)
+    nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    ds_config = deepspeed_config(recipe, world, on_gpu=gpu, nodes=nodes, d_model=model_config.get("d_model"))
     point = find_resume_point(run_dir) if resume else None
     regrouped = point is not None and point.world_size != world
     if regrouped:  # ZeRO partitions cut for another number of ranks load only in DeepSpeed's universal form
@@ -206,221 +279,146 @@ def train(recipe: Recipe, resume: bool = False) -> bool:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
     dist.barrier()
 
-    model, processor = build_model(recipe)
+    model, processor = load_model(recipe)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.deepspeed.precision]
+    dtype = DTYPES[recipe.deepspeed.precision]
 
-    loop = {"step": 0, "batches": 0, "best": [], "wandb_id": None, "world_size": world, "nonfinite_in_row": 0}
+    loop = LoopState(world_size=world)
     samples_log = run_dir / "samples" / f"rank-{rank}.jsonl" if recipe.logging.sample_ids else None
-    shards = split_shards(recipe.data.shards, recipe.data.train_split)
+    shards = train_shards(index, recipe.data.train_split)
     total = sum(s.samples for s in shards)
     workers = max(recipe.data.num_workers, 1)
-    plan, consumed, skip = DataPlan(), Consumed(workers, 0), 0
+    plan, trained, skip = DataPlan(), TrainedPositions(workers, 0), 0
     if point is not None:
         old_states = load_checkpoint(engine, point, to_universal(point) if regrouped else point.tag)
-        loop = {**point.loop, "world_size": world}
+        loop = dataclasses.replace(point.loop, world_size=world)  # point.world_size stays the writers' number
         if rank < len(old_states):
             set_rng_state(old_states[rank]["rng"])
-        plan, consumed, skip = resume_position([s["loader"] for s in old_states], total, world_size=world, rank=rank,
-                                               workers=workers, batches=loop["batches"])
+        plan, trained, skip = resume_position([s["loader"] for s in old_states], total, world_size=world, rank=rank,
+                                              workers=workers, batches=loop.batches)
         if rank == 0:
-            _truncate_jsonl(run_dir / "train_log.jsonl", loop["step"])
+            _truncate_jsonl(run_dir / "train_log.jsonl", loop.step)
         if samples_log:
-            _truncate_jsonl(samples_log, loop["step"])
-    targets = Targets(processor.tokenizer, recipe.model.language, recipe.model.task,
-                      normalize=recipe.data.target_text == "normalized")
-    stream = ShardStream(shards, targets, rank=rank, world_size=world, seed=recipe.seed, shuffle=recipe.data.shuffle,
+            _truncate_jsonl(samples_log, loop.step)
+    labels = LabelEncoder(processor.tokenizer, recipe.model.language, recipe.model.task,
+                          normalize=recipe.data.target_text == "normalized")
+    stream = ShardStream(shards, labels, rank=rank, world_size=world, seed=recipe.seed, shuffle=recipe.data.shuffle,
                          shuffle_buffer=recipe.data.shuffle_buffer, batch_size=recipe.data.batch_size_per_gpu,
                          plan=plan, skip_batches=skip, verify=recipe.data.verify_shards,
                          on_bad_data=recipe.data.on_bad_data)
-    batches = iter(train_loader(stream, recipe.data.num_workers, pin_memory=on_gpu))
+    batches = iter(train_loader(stream, recipe.data.num_workers, pin_memory=gpu))
     if samples_log:
         samples_log.parent.mkdir(parents=True, exist_ok=True)
         # line-buffered: every step's ids are on disk before the next step, whatever kills the process
         samples_out = open(samples_log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed at the end
 
-    o, lg, ck = recipe.optim, recipe.logging, recipe.checkpoint
-    logger = RunLogger(run_dir, enabled=rank == 0, max_steps=o.max_steps, start_step=loop["step"],
-                       tensorboard=lg.tensorboard, wandb_project=lg.wandb_project if lg.wandb else None,
-                       wandb_config=recipe.model_dump(mode="json"), wandb_id=loop.get("wandb_id"))
-    loop["wandb_id"] = logger.wandb_id
+    optim, logging, checkpoints = recipe.optim, recipe.logging, recipe.checkpoint
+    logger = RunLogger(run_dir, enabled=rank == 0, max_steps=optim.max_steps, start_step=loop.step,
+                       tensorboard=logging.tensorboard, wandb_project=logging.wandb_project if logging.wandb else None,
+                       wandb_config=recipe.model_dump(mode="json"), wandb_id=loop.wandb_id)
+    loop.wandb_id = logger.wandb_id
     if point is not None:
-        logger.print(f"resumed from step {loop['step']} ({point.folder / point.tag})" + (
+        logger.print(f"resumed from step {loop.step} ({point.folder / point.tag})" + (
             f", written by {point.world_size} ranks, on {world}: the rest of epoch {plan.start_epoch} onwards is "
             f"re-planned" if regrouped else ""))
-    evaluator = PeriodicEval(recipe, engine, processor, device, dtype, logger)
+    evaluator = PeriodicEval(recipe, index, engine, processor, device, dtype, logger, watchdog)
 
-    def save(step: int) -> None:
-        rank_state = {"rng": rng_state(), "loader": loader_state(plan, consumed, world_size=world, rank=rank,
+    def save() -> None:
+        watchdog.beat()
+        rank_state = {"rng": rng_state(), "loader": loader_state(plan, trained, world_size=world, rank=rank,
                                                                   workers=workers)}
-        save_checkpoint(engine, run_dir, step, loop, rank_state, keep_last=ck.keep_last,
-                        keep={tag for _, tag in loop["best"]}, recipe_text=recipe_text)
+        save_checkpoint(engine, run_dir, loop, rank_state, keep_last=checkpoints.keep_last, recipe_text=recipe_text)
+        watchdog.beat()
 
-    window = {"loss": torch.zeros((), device=device), "micro": 0, "samples": 0, "tokens": 0, "dropped": 0,
-              "bad": 0, "skipped": 0, "t": time.perf_counter()}
-    epoch, finished = 0, True
-    for step in range(loop["step"] + 1, o.max_steps + 1):
+    window, epoch, finished, grad_norm = Window.new(device), 0, True, 0.0
+    watchdog.start()
+    for step in range(loop.step + 1, optim.max_steps + 1):
+        started = time.perf_counter()
+        watchdog.beat()
         engine.train()
-        nonfinite_ids: list[str] = []  # this rank's samples in a micro-batch whose loss was not finite
-        skipped = False
-        for _ in range(o.grad_accum):
-            batch = next(batches)
-            consumed.update(batch)
-            features = batch["input_features"].to(device, dtype, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            loss = engine(input_features=features, labels=labels).loss
-            finite = torch.isfinite(loss.detach()).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one rank's NaN skips the step everywhere
-            if finite.item():
-                engine.backward(loss)
-                engine.step()
-                window["loss"] += loss.detach().float()
-                window["micro"] += 1
-            else:
-                skipped = True
-                nonfinite_ids += batch["ids"] if not torch.isfinite(loss.detach()) else []
-                if o.grad_accum > 1:
-                    engine.step()  # keeps DeepSpeed's accumulation count; this micro-batch adds no gradient
-            window["samples"] += len(batch["ids"])
-            window["tokens"] += int((batch["labels"] != -100).sum())
-            window["dropped"] += batch["dropped_long"]
-            window["bad"] += batch["bad_data"]
+        result = train_step(engine, batches, optim.grad_accum, device, dtype)
+        for batch, loss in zip(result.batches, result.losses, strict=True):
+            trained.update(batch)
+            finite = torch.isfinite(loss)
+            window.loss += torch.where(finite, loss, 0.0)
+            window.finite += finite
+            window.samples += len(batch["ids"])
+            window.tokens += batch["tokens"]
+            window.dropped += batch["dropped_long"]
+            window.bad += batch["bad_data"]
             epoch = max(epoch, batch["epoch"])
             if samples_log:
                 samples_out.write(json.dumps({"step": step, "ids": batch["ids"], "epochs": batch["epochs"]}) + "\n")
-        loop.update(step=step, batches=loop["batches"] + o.grad_accum)
-        _handle_nonfinite(step, skipped, nonfinite_ids, loop, window, logger, o.max_consecutive_nonfinite)
-        if step % lg.every_steps == 0 or step == o.max_steps:
-            stats = torch.tensor([float(window["loss"]), window["micro"], window["samples"], window["tokens"],
-                                  window["dropped"], window["bad"]], dtype=torch.float64, device=device)
-            dist.all_reduce(stats)
-            elapsed = time.perf_counter() - window["t"]
-            logger.log({"step": step, "loss": float(stats[0] / max(stats[1], 1)),
-                        "lr": float(scheduler.get_last_lr()[0]),
-                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                        "samples_per_s": float(stats[2]) / elapsed, "tokens_per_s": float(stats[3]) / elapsed,
-                        "epoch": epoch, "dropped_long_labels": int(stats[4]), "skipped_bad_samples": int(stats[5]),
-                        "skipped_nonfinite_steps": window["skipped"]})
-            window.update(loss=torch.zeros((), device=device), micro=0, samples=0, tokens=0, dropped=0, bad=0,
-                          skipped=0)
-        evaluated = evaluator.due(step) and evaluator.run(step, loop)
-        saved = evaluated or step == o.max_steps or bool(ck.every_steps and step % ck.every_steps == 0)
-        if saved:
-            save(step)
-        if stop.agreed(device):
-            if not saved:
-                save(step)
+        loop.step, loop.batches = step, loop.batches + optim.grad_accum
+        if engine.was_step_applied():
+            loop.nonfinite_in_row = 0
+        else:
+            _skipped_step(step, result, loop, window, logger, optim.max_consecutive_nonfinite)
+        window.seconds += time.perf_counter() - started
+        logged = step % logging.every_steps == 0 or step == optim.max_steps
+        stop_agreed = False
+        if logged or step % SYNC_EVERY == 0:
+            counts = [window.samples, window.tokens, window.dropped, window.bad, float(stop.requested)]
+            stats = torch.cat([torch.stack([window.loss, window.finite]).double(),
+                               torch.tensor(counts, dtype=torch.float64).to(device)])
+            dist.all_reduce(stats)  # the one collective the loop adds; a sync step only
+            stop_agreed = bool(stats[6] > 0)
+            if logged:
+                if engine.was_step_applied():
+                    grad_norm = float(engine.get_global_grad_norm() or 0.0)
+                logger.log({"step": step, "loss": float(stats[0] / max(float(stats[1]), 1.0)),
+                            "lr": float(scheduler.get_last_lr()[0]), "grad_norm": grad_norm,
+                            "samples_per_s": float(stats[2]) / window.seconds,
+                            "tokens_per_s": float(stats[3]) / window.seconds, "epoch": epoch,
+                            "dropped_long_labels": int(stats[4]), "skipped_bad_samples": int(stats[5]),
+                            "skipped_nonfinite_steps": window.skipped, "window_s": window.seconds,
+                            "time": time.time()})
+                window = Window.new(device)
+        evaluated = evaluator.due(step)
+        if evaluated:
+            evaluator.run(step, loop)
+        saved = evaluated or step == optim.max_steps or bool(checkpoints.every_steps and
+                                                              step % checkpoints.every_steps == 0)
+        if saved or stop_agreed:
+            save()
+        if stop_agreed:
+            stop.done()
             logger.print(f"stopped on request at step {step}: checkpoint saved, continue with --resume")
             finished = False
             break
-        window["t"] = time.perf_counter()  # evaluation and saving are not training throughput
     if samples_log:
         samples_out.close()
     if finished:
-        evaluator.finish(loop)
+        evaluator.deliver(loop)
+    watchdog.stop()
     logger.close()
     dist.barrier()
     return finished
 
 
-def _handle_nonfinite(step: int, skipped: bool, ids: list[str], loop: dict, window: dict, logger, limit: int) -> None:
-    """Count steps skipped for a non-finite loss (`skipped` is the same on every rank), name their samples
-    (gathered from every rank) and stop after `limit` in a row."""
+def _skipped_step(step: int, result: StepResult, loop, window: Window, logger, limit: int) -> None:
+    """DeepSpeed skipped the step (its gradients were not finite; the same on every rank). If a loss was not
+    finite anywhere, name those samples (gathered from every rank), count it, and stop after `limit` in a row; a
+    step skipped with finite losses is fp16's loss scaler at work, DeepSpeed's business."""
+    import torch
     import torch.distributed as dist
 
-    if not skipped:
-        loop["nonfinite_in_row"] = 0
-        return
+    ids = [i for batch, loss in zip(result.batches, result.losses, strict=True)
+           if not bool(torch.isfinite(loss)) for i in batch["ids"]]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, ids)
     names = [i for part in gathered for i in part]
-    loop["nonfinite_in_row"] = loop.get("nonfinite_in_row", 0) + 1
-    window["skipped"] += 1
+    if not names:
+        return
+    loop.nonfinite_in_row += 1
+    window.skipped += 1
     logger.print(f"step {step}: non-finite loss, step skipped on every rank; samples: {', '.join(names)}")
-    if loop["nonfinite_in_row"] >= limit:
+    if loop.nonfinite_in_row >= limit:
         raise LauncherError(f"{limit} steps in a row had a non-finite loss (last at step {step}, samples: "
                             f"{', '.join(names)}); check these samples and the learning rate "
                             f"(optim.max_consecutive_nonfinite={limit})")
 
 
-class PeriodicEval:
-    """Evaluation inside training: every `eval.every_steps` on the eval splits (never test), best-k checkpoints
-    by WER on the first split, and at the end the delivered model (best by WER, else the last weights) is
-    scored on test and exported to final/ with its model card."""
-
-    def __init__(self, recipe: Recipe, engine, processor, device, dtype, logger):
-        from launcher.evaluate import DecodeSettings
-
-        self.recipe, self.engine, self.processor = recipe, engine, processor
-        self.device, self.dtype, self.logger = device, dtype, logger
-        self.run_dir = Path(recipe.output_dir)
-        e = recipe.eval
-        self.settings = DecodeSettings(language=recipe.model.language, task=recipe.model.task,
-                                       batch_size=e.batch_size_per_gpu or recipe.data.batch_size_per_gpu,
-                                       num_beams=e.num_beams, max_new_tokens=e.max_new_tokens)
-        self.recipe_text = recipe_yaml(recipe)
-
-    def due(self, step: int) -> bool:
-        every = self.recipe.eval.every_steps
-        return bool(every) and (step % every == 0 or step == self.recipe.optim.max_steps)
-
-    def _evaluate(self, split: str, step: int | None, max_samples: int | None) -> dict:
-        import torch.distributed as dist
-
-        from launcher.evaluate import evaluate
-
-        report = evaluate(self.engine.module, self.processor.tokenizer, self.recipe.data.shards, split, self.settings,
-                          device=self.device, dtype=self.dtype, max_samples=max_samples,
-                          out_dir=self.run_dir / "eval", step=step, model_name=str(self.run_dir),
-                          recipe_text=self.recipe_text)
-        shared = [report]
-        dist.broadcast_object_list(shared, src=0)
-        return shared[0]
-
-    def run(self, step: int, loop: dict) -> bool:
-        """Evaluate every eval split; returns True (a checkpoint is then saved at this step)."""
-        from launcher.checkpoint import export_hf
-
-        reports = [self._evaluate(split, step, self.recipe.eval.max_samples) for split in self.recipe.eval.splits]
-        for r in reports:
-            self.logger.scalars(f"eval/{r['split']}", step, {k: r[k] for k in ("wer", "wer_orthographic", "cer")})
-            self.logger.print(f"step {step}: {r['split']} WER {r['wer']:.2f}% (orthographic "
-                              f"{r['wer_orthographic']:.2f}%, CER {r['cer']:.2f}%) on {r['scored']} clips")
-        wer, tag = reports[0]["wer"], f"step-{step}"
-        # lowest WER first; on a tie the later (longer trained) checkpoint wins
-        best = sorted([*loop["best"], [wer, tag]], key=lambda b: (b[0], -int(b[1].split("-")[1])))
-        best = best[: self.recipe.checkpoint.keep_best]
-        if [wer, tag] in best and best[0] == [wer, tag]:
-            export_hf(self.engine, self.run_dir / "best", self.processor, self._generation())
-        loop["best"] = best
-        return True
-
-    def _generation(self) -> dict:
-        return {"language": self.recipe.model.language, "task": self.recipe.model.task}
-
-    def finish(self, loop: dict) -> None:
-        from launcher.card import write_model_card
-        from launcher.checkpoint import export_hf
-        from launcher.index import load_index
-
-        selected, step = f"last step ({loop['step']})", loop["step"]
-        if loop["best"]:
-            wer, tag = loop["best"][0]
-            self.engine.load_checkpoint(str(self.run_dir / "checkpoints"), tag=tag, load_optimizer_states=False,
-                                        load_lr_scheduler_states=False)
-            selected, step = f"{tag}, best {self.recipe.eval.splits[0]} WER {wer:.2f}%", int(tag.split("-")[1])
-        final = self.run_dir / "final"
-        export_hf(self.engine, final, self.processor, self._generation())
-        index = load_index(self.recipe.data.shards)
-        test = None
-        if "test" in index["splits"] and self.recipe.eval.test_at_end:
-            test = self._evaluate("test", step, None)
-        if self.logger.enabled:
-            if test is not None:
-                write_model_card(final, name=self.run_dir.name, base_model=self.recipe.model.name_or_path,
-                                 language=self.recipe.model.language, source=index.get("source", {}), report=test,
-                                 steps=loop["step"], selected=selected)
-                self.logger.print(f"test WER {test['wer']:.2f}% (orthographic {test['wer_orthographic']:.2f}%, "
-                                  f"CER {test['cer']:.2f}%) of {selected}")
-            self.logger.print(f"done: {loop['step']} steps. Model: {final}  log: {self.run_dir / 'train_log.jsonl'}")
+if __name__ == "__main__":
+    raise SystemExit(main())

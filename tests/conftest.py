@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "assets" / "demo_corpus" / "fr"
+DEMO = REPO / "launcher" / "assets" / "demo_corpus" / "fr"
 CV_COLUMNS = ["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accents", "locale",
               "segment"]
 
@@ -46,9 +46,10 @@ def write_tsv(path: Path, rows: list[dict]) -> None:
             w.writerow({c: r.get(c, "") for c in CV_COLUMNS})
 
 
-def run_cli(*args: str, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: Path = REPO,
+            **kw) -> subprocess.CompletedProcess:
     """`python -m launcher ARGS` in a subprocess, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "COLUMNS": "200", **(env or {})}, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"launcher {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -95,16 +96,33 @@ def cv_release(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def bigger_corpus(tmp_path) -> Path:
+    """~150 distinct real-speech clips (demo clips at several gains), so a run takes a few seconds."""
+    root = tmp_path / "big"
+    (root / "clips").mkdir(parents=True)
+    rows = []
+    for gain_i, gain in enumerate((1.0, 0.9, 0.8, 0.7)):
+        for r in demo_rows():
+            pcm, rate = sf.read(DEMO / "clips" / r["path"], dtype="float32")
+            name = f"g{gain_i}_{r['path'].replace('.mp3', '.wav')}"
+            sf.write(root / "clips" / name, pcm * gain, rate)
+            rows.append({"path": name, "sentence": r["sentence"]})
+    write_tsv(root / "train.tsv", rows)
+    write_tsv(root / "test.tsv", [])
+    return root
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> dict[str, Path]:
     """The bundled corpus sharded once per session: 80 bins (shards) and 128 bins (shards128)."""
-    from launcher.shard import Settings, shard_corpus
+    from launcher.shard import ShardSettings, shard_corpus
     from launcher.sources.common_voice import CommonVoiceRelease
 
     root = tmp_path_factory.mktemp("demo_shards")
     out = {}
     for name, n_mels in (("shards", 80), ("shards128", 128)):
-        shard_corpus(CommonVoiceRelease(DEMO, "fr"), root / name, Settings(n_mels, 200_000, "fr"), workers=0)
+        shard_corpus(CommonVoiceRelease(DEMO, "fr"), root / name, ShardSettings(n_mels, 200_000, "fr"), workers=0)
         out[name] = root / name
     return out
 
@@ -149,6 +167,27 @@ def run_training(recipe_overrides: list[str], *, ranks: int = 2, extra: tuple[st
     if check and proc.returncode != 0:
         raise AssertionError(f"training exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+# 8 clips (the demo's validation split), one step per epoch with 2 ranks x 4
+SMALL_FIXED_SET = ("data.train_split=validation", "eval.max_new_tokens=20")
+
+
+def run_overrides(tiny_model: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Paths for a test run, no periodic evaluation unless `extra` asks for it (later --set values win)."""
+    return [f"model.name_or_path={tiny_model}", f"data.shards={shards}", f"output_dir={run_dir}",
+            "eval.every_steps=0", "checkpoint.keep_best=0", "checkpoint.keep_last=2", *extra]
+
+
+@pytest.fixture(scope="session")
+def zero2_run(tiny_model, demo_shards, tmp_path_factory) -> Path:
+    """2 ranks, ZeRO-2, 120 steps on the 8 validation clips: a model that has learnt them, so that (unlike the random
+    tiny model, which decodes the same tokens for everything) it decodes transcripts of different lengths for
+    different clips. Its final/ serves the evaluation tests."""
+    run_dir = tmp_path_factory.mktemp("zero2") / "run"
+    run_training(run_overrides(tiny_model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET, "optim.max_steps=120",
+                               "checkpoint.every_steps=60", "logging.every_steps=10"))
+    return run_dir
 
 
 def read_log(run_dir: Path) -> list[dict]:

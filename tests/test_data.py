@@ -15,27 +15,31 @@ import torch
 from transformers import WhisperTokenizerFast
 
 from launcher.data import (
-    Consumed,
+    LabelEncoder,
     ShardStream,
-    Targets,
+    TrainedPositions,
     collate,
-    contiguous_range,
     loader_state,
-    read_samples,
     resume_position,
-    split_shards,
     train_loader,
+    train_shards,
 )
-from launcher.features import pad_features
+from launcher.distributed import contiguous_range
+from launcher.features import pad_batch, pad_features
+from launcher.shards import BadShard, Shard, load_index, read_samples
+
+
+def split_shards(folder: Path, split: str) -> list[Shard]:
+    return train_shards(load_index(folder), split)
 
 
 @pytest.fixture(scope="module")
-def targets(tiny_model) -> Targets:
-    return Targets(WhisperTokenizerFast.from_pretrained(tiny_model), "fr", "transcribe", normalize=False)
+def targets(tiny_model) -> LabelEncoder:
+    return LabelEncoder(WhisperTokenizerFast.from_pretrained(tiny_model), "fr", "transcribe", normalize=False)
 
 
 def all_ids(shards) -> list[str]:
-    return [json.loads(meta)["id"] for s in shards for *_, meta in read_samples(s.path, range(s.samples))]
+    return [json.loads(sample.meta)["id"] for s in shards for sample in read_samples(s.path, range(s.samples))]
 
 
 def stream(shards, targets, rank, world, batch=2, **kw) -> ShardStream:
@@ -96,7 +100,7 @@ def run_ranks(streams: list[ShardStream], workers: int, batches: int, seen: list
     """Take `batches` batches on every rank, recording (epoch, id); returns each rank's loader state."""
     states = []
     for s in streams:
-        consumed = Consumed(workers, s.plan.start_epoch)
+        consumed = TrainedPositions(workers, s.plan.start_epoch)
         for _, batch in zip(range(batches), rank_batches(s, workers), strict=False):
             consumed.update(batch)
             seen += zip(batch["epochs"], batch["ids"], strict=True)
@@ -161,25 +165,41 @@ def test_a_sample_missing_a_part_is_reported_not_silently_lost(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = 2
             tar.addfile(info, io.BytesIO(b"{}"))
-    from launcher.data import BadData
-
     got = []
-    with pytest.raises(BadData, match="gave 2 of the 3 samples") as e:
-        for _, key, _, _ in read_samples(shard, range(3)):
-            got.append(key)
+    with pytest.raises(BadShard, match="gave 2 of the 3 samples") as e:
+        for sample in read_samples(shard, range(3)):
+            got.append(sample.key)
     assert got == ["a", "c"] and e.value.skipped == 1
 
 
-def test_collate_pads_features_to_3000_frames_and_labels_with_minus_100(demo_shards, targets):
+def test_collate_ships_stored_float16_frames_padded_to_the_window_on_the_device(demo_shards, targets):
+    """The batch carries float16 frames up to the longest clip (not 3000 float32 frames: 12 MB per large-v3 batch
+    through /dev/shm); pad_batch then gives exactly what pad_features (the feature extractor's padding) gives."""
     shards = split_shards(demo_shards["shards"], "train")
     samples = [x for _, x in zip(range(3), stream(shards, targets, 0, 1).samples(0, 1), strict=False)]
     batch = collate(samples)
-    assert batch["input_features"].shape == (3, 80, 3000)
-    torch.testing.assert_close(batch["input_features"][1], pad_features(samples[1]["features"]))
+    longest = max(s["features"].shape[-1] for s in samples)
+    assert batch["features"].dtype == torch.float16 and batch["features"].shape == (3, 80, longest) < (3, 80, 3000)
+    assert batch["frames"].tolist() == [s["features"].shape[-1] for s in samples]
+    padded = pad_batch(batch["features"], batch["frames"], batch["pads"], torch.float32)
+    assert padded.shape == (3, 80, 3000)
+    for i, s in enumerate(samples):
+        assert torch.equal(padded[i], pad_features(s["features"])), i
+    bf16 = pad_batch(batch["features"], batch["frames"], batch["pads"], torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, padded.to(torch.bfloat16))
+
+
+def test_labels_are_padded_with_minus_100_to_buckets_of_32_tokens(demo_shards, targets):
+    shards = split_shards(demo_shards["shards"], "train")
+    samples = [x for _, x in zip(range(3), stream(shards, targets, 0, 1).samples(0, 1), strict=False)]
+    batch = collate(samples)
     longest = max(len(s["labels"]) for s in samples)
-    assert batch["labels"].shape == (3, longest)
-    short = min(range(3), key=lambda i: len(samples[i]["labels"]))
-    assert (batch["labels"][short, len(samples[short]["labels"]):] == -100).all()
+    assert batch["labels"].shape == (3, 32 * -(-longest // 32))
+    for i, s in enumerate(samples):
+        assert batch["labels"][i, : len(s["labels"])].tolist() == s["labels"]
+        assert (batch["labels"][i, len(s["labels"]):] == -100).all()
+    long = [{**samples[0], "labels": list(range(447))}]
+    assert collate(long)["labels"].shape == (1, 448), "never more than Whisper's 448 decoder positions"
 
 
 def test_labels_start_after_startoftranscript_and_end_with_eot(targets):
@@ -200,8 +220,6 @@ def test_over_long_labels_are_dropped_and_counted_never_truncated(tmp_path, targ
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    from launcher.data import Shard
-
     s = ShardStream([Shard(shard, 3)], targets, rank=0, world_size=1, seed=0, shuffle=False, shuffle_buffer=1,
                     batch_size=1)
     got = [x for _, x in zip(range(4), s.samples(0, 1), strict=False)]

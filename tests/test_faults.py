@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 
-from launcher.index import sha256_file
+from launcher.shards import sha256_file
 from tests.conftest import REPO, cpu_env, read_log, run_training, training_cmd
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import yaml
 
 from launcher.errors import LauncherError
 from launcher.recipe import deepspeed_config, load_recipe
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -38,6 +38,14 @@ def test_large_recipe_is_large_v3_under_zero3_and_bf16():
     recipe = load_recipe(REPO / "recipes" / "large_fr.yaml")
     assert recipe.model.name_or_path == "openai/whisper-large-v3"
     assert recipe.deepspeed.zero_stage == 3 and recipe.deepspeed.precision == "bf16"
+
+
+def test_the_80gb_recipe_is_the_same_run_under_zero2_with_16_clips_per_gpu():
+    small, big = (load_recipe(REPO / "recipes" / name) for name in ("large_fr.yaml", "large_fr_80gb.yaml"))
+    assert big.deepspeed.zero_stage == 2 and big.data.batch_size_per_gpu == 16
+    batch = [r.data.batch_size_per_gpu * r.optim.grad_accum for r in (small, big)]
+    assert batch[0] == batch[1], "the same global batch on 8 GPUs"
+    assert (big.model, big.optim.lr, big.optim.max_steps) == (small.model, small.optim.lr, small.optim.max_steps)
 
 
 def test_all_errors_are_reported_at_once_with_dotted_paths(tmp_path):
@@ -90,14 +98,63 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 
 def test_deepspeed_config_has_concrete_numbers_only():
     recipe = load_recipe(REPO / "recipes" / "large_fr.yaml")
-    cfg = deepspeed_config(recipe, world_size=16)
+    cfg = deepspeed_config(recipe, world_size=16, on_gpu=True, nodes=2, d_model=1280)
     text = json.dumps(cfg)
     assert "auto" not in text
     assert cfg["train_batch_size"] == 8 * 2 * 16
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
     assert cfg["scheduler"]["params"]["total_num_steps"] == 6000
     assert cfg["optimizer"]["params"]["lr"] == 4.4e-6
-    assert "torch_adam" in json.dumps(deepspeed_config(recipe, 1, on_gpu=False))
+
+
+@pytest.mark.parametrize("on_gpu", [True, False])
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_optimizer_is_torchs_adamw_so_nothing_is_compiled(on_gpu, offload):
+    """DeepSpeed builds FusedAdam / CPUAdam with nvcc or a C++ compiler on first use; torch's AdamW (`torch_adam`,
+    passed through by DeepSpeed) needs neither: fused on the GPU, plain when the optimizer steps on the CPU."""
+    recipe = load_recipe(REPO / "recipes" / "large_fr.yaml", [f"deepspeed.offload_optimizer={offload}"])
+    cfg = deepspeed_config(recipe, 8, on_gpu=on_gpu, d_model=1280)
+    params = cfg["optimizer"]["params"]
+    assert cfg["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True
+    assert params.get("fused", False) is (on_gpu and not offload)
+    assert cfg["zero_force_ds_cpu_optimizer"] is False  # offload with torch's AdamW is allowed, not refused
+
+
+def test_bf16_accumulates_gradients_in_fp32():
+    bf16 = deepspeed_config(load_recipe(REPO / "recipes" / "large_fr.yaml"), 8, on_gpu=True)
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    fp32 = deepspeed_config(load_recipe(REPO / "recipes" / "tiny_demo.yaml"), 2, on_gpu=False)
+    assert "data_types" not in fp32
+
+
+def test_buckets_grow_across_nodes_and_follow_the_model_width_under_zero3():
+    zero2 = load_recipe(REPO / "recipes" / "medium_fr.yaml")
+    one, two = (deepspeed_config(zero2, 8 * n, on_gpu=True, nodes=n)["zero_optimization"] for n in (1, 2))
+    assert two["reduce_bucket_size"] > one["reduce_bucket_size"]
+    assert two["allgather_bucket_size"] > one["allgather_bucket_size"]
+    zero3 = deepspeed_config(load_recipe(REPO / "recipes" / "large_fr.yaml"), 8, on_gpu=True,
+                             d_model=1280)["zero_optimization"]
+    assert zero3["stage3_param_persistence_threshold"] == 10 * 1280
+    assert zero3["stage3_prefetch_bucket_size"] <= zero3["reduce_bucket_size"]
+
+
+def test_a_language_that_does_not_match_the_shards_is_refused(demo_shards, tiny_model, tmp_path):
+    from launcher.recipe import check_against_data_and_model
+
+    recipe = load_recipe(REPO / "recipes" / "tiny_demo.yaml", [f"model.name_or_path={tiny_model}",
+                                                                f"data.shards={demo_shards['shards']}"])
+    index, config = check_against_data_and_model(recipe)
+    assert index.language == "fr" and config["num_mel_bins"] == 80
+    for language, words in (("de", "but the shards in"), ("klingon", "expected one of Whisper's language codes")):
+        with pytest.raises(LauncherError, match=words) as e:
+            check_against_data_and_model(load_recipe(REPO / "recipes" / "tiny_demo.yaml", [
+                f"model.name_or_path={tiny_model}", f"data.shards={demo_shards['shards']}",
+                f"model.language={language}"]))
+        assert "model.language" in str(e.value)
+    french = load_recipe(REPO / "recipes" / "tiny_demo.yaml", [f"model.name_or_path={tiny_model}",
+                                                                f"data.shards={demo_shards['shards']}",
+                                                                "model.language=french"])
+    check_against_data_and_model(french)  # Whisper's language names are accepted too
 
 
 def test_bad_recipe_fails_before_any_process_group_with_every_error(tmp_path, demo_shards, tiny_model):
@@ -125,3 +182,12 @@ def test_bad_recipe_fails_before_any_process_group_with_every_error(tmp_path, de
     assert proc.returncode == 2
     assert "features have n_mels=128, but model" in proc.stderr and "expects num_mel_bins=80" in proc.stderr
     assert "--n-mels 80" in proc.stderr
+
+
+def test_validate_prints_the_deepspeed_config_train_uses_on_this_machine(demo_shards, tiny_model):
+    """On this CPU-only machine: the config train_ds.py builds here (torch's AdamW, not fused), not a GPU one."""
+    proc = run_cli("validate", str(REPO / "recipes" / "tiny_demo.yaml"), "--world-size", "2", "--set",
+                   f"model.name_or_path={tiny_model}", f"data.shards={demo_shards['shards']}")
+    assert "as train_ds.py builds it here" in proc.stdout and "CPU rank" in proc.stdout
+    assert '"torch_adam": true' in proc.stdout and '"fused"' not in proc.stdout
+    assert "recipe OK" in proc.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,32 +12,26 @@ import yaml
 from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
 
 from launcher import audio
-from tests.conftest import DEMO, REPO, cpu_env, deepspeed_cmd, demo_rows, free_port, read_log, run_training
+from tests.conftest import (
+    DEMO,
+    REPO,
+    SMALL_FIXED_SET,
+    cpu_env,
+    deepspeed_cmd,
+    demo_rows,
+    free_port,
+    read_log,
+    run_cli,
+    run_training,
+)
+from tests.conftest import run_overrides as overrides
 
 pytestmark = pytest.mark.slow
 
 
-# 8 clips (the demo's validation split), one step per epoch with 2 ranks x 4: 60 steps are 60 epochs
-SMALL_FIXED_SET = ("data.train_split=validation", "eval.max_new_tokens=20")
-
-
-def overrides(tiny_model: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    """Paths for this test, no periodic evaluation unless `extra` asks for it (later --set values win)."""
-    return [f"model.name_or_path={tiny_model}", f"data.shards={shards}", f"output_dir={run_dir}",
-            "eval.every_steps=0", "checkpoint.keep_best=0", "checkpoint.keep_last=2", *extra]
-
-
-@pytest.fixture(scope="module")
-def zero2_run(tiny_model, demo_shards, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("zero2") / "run"
-    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET, "optim.max_steps=60",
-                           "checkpoint.every_steps=30", "logging.every_steps=5"))
-    return run_dir
-
-
 def test_zero2_on_two_ranks_overfits_a_small_fixed_set(zero2_run):
     log = read_log(zero2_run)
-    assert [r["step"] for r in log] == list(range(5, 61, 5))
+    assert [r["step"] for r in log] == list(range(10, 121, 10))
     first, last = log[0]["loss"], log[-1]["loss"]
     assert last < 0.3 * first, f"loss did not fall clearly: {first:.3f} -> {last:.3f}"
     assert all(np.isfinite(r["grad_norm"]) and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in log)
@@ -46,24 +39,41 @@ def test_zero2_on_two_ranks_overfits_a_small_fixed_set(zero2_run):
     ds = json.loads((zero2_run / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 4 * 2 and ds["zero_optimization"]["stage"] == 2
     assert (zero2_run / "recipe.yaml").is_file() and list((zero2_run / "tensorboard").iterdir())
-    assert sorted(p.name for p in (zero2_run / "checkpoints").iterdir() if p.is_dir()) == ["step-30", "step-60"]
+    assert sorted(p.name for p in (zero2_run / "checkpoints").iterdir() if p.is_dir()) == ["step-120", "step-60"]
 
 
-def test_final_model_loads_with_from_pretrained_and_transcribes(zero2_run):
+def test_logged_throughput_is_samples_over_the_wall_time_of_the_window(zero2_run):
+    """samples_per_s covers the whole logging window (10 steps of 2 ranks x 4 clips), not its last step only: it
+    matches the wall time between two log lines, except after a checkpoint (saving is not training time)."""
+    log = read_log(zero2_run)
+    compared = 0
+    for prev, cur in zip(log, log[1:], strict=False):
+        if prev["step"] % 60:  # no checkpoint saved between the two lines
+            wall = cur["time"] - prev["time"]
+            assert 10 * 8 / cur["samples_per_s"] == pytest.approx(wall, rel=0.15, abs=0.5), (prev, cur)
+            compared += 1
+    assert compared >= 8
+
+
+def test_a_pipeline_of_the_final_model_reproduces_the_evaluations_transcripts(zero2_run):
+    """The exported generation config carries the decoding the reported WER was measured with (greedy, language and
+    task forced, the same length limit), so `pipeline(model=final)` on the raw audio, with no arguments, gives the
+    evaluation's transcripts (transformers' pipeline would otherwise default Whisper to beam search)."""
     final = zero2_run / "final"
-    model = WhisperForConditionalGeneration.from_pretrained(final)
-    processor = WhisperProcessor.from_pretrained(final)
-    assert model.generation_config.language == "fr"
-    row = demo_rows()[0]
-    pcm = audio.decode((DEMO / "clips" / row["path"]).read_bytes())
-    asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
-                   feature_extractor=processor.feature_extractor, device="cpu")
-    text = asr({"raw": pcm, "sampling_rate": 16000}, generate_kwargs={"max_new_tokens": 40})["text"]
-    assert isinstance(text, str) and text.strip()
-    # the evaluation's path (processor features + generate with the language forced) decodes the same audio
-    features = processor.feature_extractor(pcm, sampling_rate=16000, return_tensors="pt").input_features
-    tokens = model.generate(features, language="fr", task="transcribe", max_new_tokens=40)
-    assert processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+    generation = json.loads((final / "generation_config.json").read_text())
+    assert generation["num_beams"] == 1 and generation["language"] == "fr" and generation["task"] == "transcribe"
+    report = json.loads((zero2_run / "eval" / "test-step-120.json").read_text())
+    rows = [json.loads(x) for x in (zero2_run / "eval" / "test-step-120.predictions.jsonl").read_text().splitlines()]
+    asr = pipeline("automatic-speech-recognition", model=str(final), device="cpu")
+    paths = {r["path"].removesuffix(".mp3"): r["path"] for r in demo_rows("test.tsv")}
+    agree = 0
+    for row in rows:
+        pcm = audio.decode_audio((DEMO / "clips" / paths[row["id"]]).read_bytes())
+        agree += asr({"raw": pcm, "sampling_rate": 16000})["text"].strip() == row["prediction"]
+    assert report["samples"] == len(rows) == 8 and agree == len(rows), f"{agree} of {len(rows)} agree"
+    assert WhisperForConditionalGeneration.from_pretrained(final).config.use_cache, "exported ready to generate"
+    assert (final / "preprocessor_config.json").is_file(), "what converters and older transformers read"
+    assert WhisperProcessor.from_pretrained(final).tokenizer is not None
 
 
 def test_two_nodes_on_loopback_with_no_ssh_and_node_rank(tiny_model, demo_shards, tmp_path):
@@ -111,7 +121,7 @@ def test_periodic_eval_under_zero3_keeps_the_best_by_wer_and_cards_the_final_mod
     kept = {p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()}
     assert kept == {"step-24", f"step-{best_step}"}, "the last checkpoint plus the best by WER"
     loop = json.loads((run_dir / "checkpoints" / "step-24" / "loop.json").read_text())
-    assert loop["best"] == [[reports[best_step]["wer"], f"step-{best_step}"]]
+    assert loop["best"] == [[reports[best_step]["wer"], best_step]]
     assert (run_dir / "best" / "model.safetensors").is_file()
     test = json.loads((run_dir / "eval" / f"test-step-{best_step}.json").read_text())
     card = (run_dir / "final" / "README.md").read_text()
@@ -125,6 +135,26 @@ def test_periodic_eval_under_zero3_keeps_the_best_by_wer_and_cards_the_final_mod
     final = WhisperForConditionalGeneration.from_pretrained(run_dir / "final").state_dict()
     best = WhisperForConditionalGeneration.from_pretrained(run_dir / "best").state_dict()
     assert all(torch.equal(final[k], best[k]) for k in final)
+
+
+def test_periodic_evaluation_under_zero3_with_a_rank_holding_no_clip_matches_one_process(zero2_run, demo_shards,
+                                                                                         tmp_path):
+    """Training's own evaluation under ZeRO-3, 2 ranks, 1 clip: rank 0 decodes it, rank 1 has nothing to decode. It
+    used to run ZeRO-3's weight gathering per token on rank 0 alone, and the job aborted or hung."""
+    run_dir = tmp_path / "run"
+    run_training(overrides(zero2_run / "final", demo_shards["shards"], run_dir, *SMALL_FIXED_SET,
+                           "deepspeed.zero_stage=3", "optim.max_steps=2", "optim.warmup_steps=1", "optim.lr=1e-6",
+                           "eval.every_steps=2", "eval.max_samples=1", "checkpoint.keep_best=1",
+                           "checkpoint.every_steps=0", "eval.test_at_end=false", "logging.every_steps=1"))
+    report = json.loads((run_dir / "eval" / "validation-step-2.json").read_text())
+    rows = [json.loads(x) for x in (run_dir / "eval" / "validation-step-2.predictions.jsonl").read_text().splitlines()]
+    assert report["world_size"] == 2 and report["samples"] == 1
+    single = tmp_path / "single"
+    run_cli("evaluate", "--model", str(run_dir / "final"), "--shards", str(demo_shards["shards"]), "--split",
+            "validation", "--max-samples", "1", "--max-new-tokens", "20", "--out", str(single))
+    ref = [json.loads(x) for x in (single / "validation.predictions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["prediction"]) for r in rows] == [(r["id"], r["prediction"]) for r in ref]
+    assert report["wer"] == json.loads((single / "validation.json").read_text())["wer"]
 
 
 def test_gradient_checkpointing_frozen_encoder_and_spec_augment_train(tiny_model, demo_shards, tmp_path):

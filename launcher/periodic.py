@@ -1,0 +1,92 @@
+"""Evaluation inside training: validation WER every `eval.every_steps`, the best checkpoints by WER, and at the
+end the delivered model: the best by WER (else the last weights), exported to final/, scored on test, carded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.checkpoint import LoopState, export_hf, tag
+from launcher.distributed import contiguous_range
+from launcher.evaluate import EvalItem, evaluate, scan_split
+from launcher.model import DecodeSettings
+from launcher.recipe import Recipe, recipe_yaml
+from launcher.shards import ShardIndex
+
+
+class PeriodicEval:
+    def __init__(self, recipe: Recipe, index: ShardIndex, engine, processor, device, dtype, logger, watchdog):
+        self.recipe, self.index, self.engine, self.processor = recipe, index, engine, processor
+        self.device, self.dtype, self.logger, self.watchdog = device, dtype, logger, watchdog
+        self.run_dir = Path(recipe.output_dir)
+        e = recipe.eval
+        self.settings = DecodeSettings(language=recipe.model.language, task=recipe.model.task,
+                                       batch_size=e.batch_size_per_gpu, num_beams=e.num_beams,
+                                       max_new_tokens=e.max_new_tokens)
+        self.recipe_text = recipe_yaml(recipe)
+        self._items: dict[str, list[EvalItem]] = {}  # each split's tar headers are read once per run
+
+    def due(self, step: int) -> bool:
+        every = self.recipe.eval.every_steps
+        return bool(every) and (step % every == 0 or step == self.recipe.optim.max_steps)
+
+    def items(self, split: str, max_samples: int | None) -> list[EvalItem]:
+        if split not in self._items:
+            self._items[split] = scan_split(self.index, split, max_samples)
+        return self._items[split]
+
+    def _evaluate(self, split: str, step: int, max_samples: int | None) -> dict:
+        """Every rank gets rank 0's report, so that every rank takes the same decisions from it."""
+        import torch.distributed as dist
+
+        items = self.items(split, max_samples)
+        mine = len(range(*contiguous_range(len(items), dist.get_world_size(), dist.get_rank())))
+        with self.logger.progress_task(f"eval {split}", mine) as advance:
+            def progress(n: int) -> None:
+                self.watchdog.beat()
+                advance(n)
+
+            self.watchdog.beat()
+            report = evaluate(self.engine.module, self.processor.tokenizer, items, self.settings, split=split,
+                              device=self.device, dtype=self.dtype, out_dir=self.run_dir / "eval", step=step,
+                              model_name=str(self.run_dir), recipe_text=self.recipe_text, progress=progress)
+        shared = [report]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def run(self, step: int, loop: LoopState) -> None:
+        """Evaluate every eval split at `step`; the best-by-WER record in `loop` follows the first split."""
+        reports = [self._evaluate(split, step, self.recipe.eval.max_samples) for split in self.recipe.eval.splits]
+        for r in reports:
+            self.logger.scalars(f"eval/{r['split']}", step, {k: r[k] for k in ("wer", "wer_orthographic", "cer")})
+            self.logger.print(f"step {step}: {r['split']} WER {r['wer']:.2f}% (orthographic "
+                              f"{r['wer_orthographic']:.2f}%, CER {r['cer']:.2f}%) on {r['scored']} clips")
+        if loop.record_wer(reports[0]["wer"], step, self.recipe.checkpoint.keep_best):
+            self.watchdog.beat()
+            export_hf(self.engine, self.run_dir / "best", self.processor, self.settings)
+
+    def deliver(self, loop: LoopState) -> None:
+        """The end of a finished run: load the best checkpoint (by validation WER) or keep the last weights, export
+        them to final/, score them on test and write the model card."""
+        from launcher.card import write_model_card
+
+        selected, step = f"last step ({loop.step})", loop.step
+        if loop.best:
+            wer, step = loop.best[0]
+            self.watchdog.beat()
+            self.engine.load_checkpoint(str(self.run_dir / "checkpoints"), tag=tag(step), load_optimizer_states=False,
+                                        load_lr_scheduler_states=False)
+            selected = f"{tag(step)}, best {self.recipe.eval.splits[0]} WER {wer:.2f}%"
+        final = self.run_dir / "final"
+        self.watchdog.beat()
+        export_hf(self.engine, final, self.processor, self.settings)
+        test = None
+        if self.index.has_split("test") and self.recipe.eval.test_at_end:
+            test = self._evaluate("test", step, None)
+        if self.logger.enabled:
+            if test is not None:
+                write_model_card(final, name=self.run_dir.name, base_model=self.recipe.model.name_or_path,
+                                 language=self.recipe.model.language, source=self.index.source, report=test,
+                                 steps=loop.step, selected=selected)
+                self.logger.print(f"test WER {test['wer']:.2f}% (orthographic {test['wer_orthographic']:.2f}%, "
+                                  f"CER {test['cer']:.2f}%) of {selected}")
+            self.logger.print(f"done: {loop.step} steps. Model: {final}  log: {self.run_dir / 'train_log.jsonl'}")
