@@ -2,11 +2,12 @@
 """Evaluation speed: this project's `launcher.evaluate.evaluate` on shards against the batched transformers ASR
 pipeline on the same clips' raw audio, same model, same greedy decoding, in one run.
 
-This project: `evaluate(model, tokenizer, shards, split, DecodeSettings(...))` on one process, the whole function
-timed: scanning the shards, reading the precomputed (unpadded float16) log-mel, padding, batched `generate` with
-the longest clips first, and WER scoring.
+This project: `scan_split(index, split)` then `evaluate(model, tokenizer, items, DecodeSettings(...), ...)` on one
+process, all of it timed: scanning the shards' headers, the plain copy of the weights evaluation decodes with
+(`launcher.model.materialize`), reading the precomputed (unpadded float16) log-mel, padding it on the device,
+batched `generate` with the longest clips first, and WER scoring.
 The baseline (the event's evaluation script): `pipeline("automatic-speech-recognition", model, batch_size=N)` over
-the clips' 16 kHz audio, decoded beforehand with `launcher.audio.decode` (not timed on either side), the
+the clips' 16 kHz audio, decoded beforehand with `launcher.audio.decode_audio` (not timed on either side), the
 pipeline's `WhisperFeatureExtractor` computing the features inside the timed call, in dataset order, transcripts
 only (no scoring).
 Both: the same model object loaded once (`--model DIR`; `python ../shared/tools/whisper_base_offline.py DIR` makes
@@ -43,7 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-DEMO_CORPUS = REPO / "assets" / "demo_corpus" / "fr"
+from launcher.demo import DEMO_CORPUS  # noqa: E402
+
 # random models: (n_mels, d_model, encoder + decoder layers each, heads); the MLP is 4 x d_model, as in Whisper
 RANDOM_SIZES = {"tiny": (80, 64, 2, 4), "base": (80, 512, 6, 8), "small": (80, 768, 12, 12),
                 "medium": (80, 1024, 24, 16), "large-v3": (128, 1280, 32, 20)}
@@ -65,14 +67,14 @@ def timed(fn, device):
 
 
 def raw_audio(source, split: str, ids: list[str]) -> tuple[dict, float]:
-    """{id: 16 kHz float32 audio} for `ids`, decoded with launcher.audio.decode, and the seconds decoding took."""
-    from launcher.audio import decode
+    """{id: 16 kHz float32 audio} for `ids`, decoded with launcher.audio.decode_audio, and the seconds decoding took."""
+    from launcher.audio import decode_audio
 
     wanted, audio, seconds = set(ids), {}, 0.0
     for clip in source.clips(split):
         if clip.id in wanted and clip.audio is not None:
             start = time.perf_counter()
-            audio[clip.id] = decode(clip.audio)
+            audio[clip.id] = decode_audio(clip.audio)
             seconds += time.perf_counter() - start
             if len(audio) == len(wanted):
                 break
@@ -112,10 +114,11 @@ def main() -> None:
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
 
-    from launcher.evaluate import DecodeSettings, evaluate, scan_split
+    from launcher.evaluate import evaluate, scan_split
     from launcher.features import log_mel_spectrogram
-    from launcher.index import load_index
-    from launcher.shard import Settings, shard_corpus
+    from launcher.model import DTYPES, DecodeSettings
+    from launcher.shard import ShardSettings, shard_corpus
+    from launcher.shards import load_index
     from launcher.sources import open_source
     from launcher.tiny_model import build_tiny_whisper
 
@@ -128,7 +131,7 @@ def main() -> None:
         torch.set_num_threads(args.threads or 1)
     if args.max_new_tokens is None:
         args.max_new_tokens = 225 if args.model else 64
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    dtype = DTYPES[precision]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -142,14 +145,13 @@ def main() -> None:
         shards, source_spec = args.shards, args.source
         if shards is None:
             shards, source_spec = tmp / "shards", source_spec or f"cv:{DEMO_CORPUS}"
-            shard_corpus(open_source(source_spec, "fr"), shards, Settings(n_mels, 50_000_000, "fr"), workers=0)
+            shard_corpus(open_source(source_spec, "fr"), shards, ShardSettings(n_mels, 50_000_000, "fr"), workers=0)
         index = load_index(shards)
-        described = index.get("source", {})
-        language = args.language or described.get("language") or "fr"
-        if index["features"].get("n_mels") != n_mels:
-            ap.error(f"the shards have n_mels={index['features'].get('n_mels')}, the model wants {n_mels}")
-        source_spec = source_spec or f"{described.get('kind')}:{described.get('location')}"
-        items = scan_split(shards, args.split, args.max_samples)
+        language = args.language or index.language or "fr"
+        if index.n_mels != n_mels:
+            ap.error(f"the shards have n_mels={index.n_mels}, the model wants {n_mels}")
+        source_spec = source_spec or f"{index.source.get('kind')}:{index.source.get('location')}"
+        items = scan_split(index, args.split, args.max_samples)
         audio, decode_s = raw_audio(open_source(source_spec, language), args.split, [it.id for it in items])
         clips = [audio[it.id] for it in items]
         audio_seconds = sum(len(a) for a in clips) / 16000
@@ -168,8 +170,9 @@ def main() -> None:
 
         def run_project(max_samples=None, out_dir=None, repeat=1):
             for _ in range(repeat):
-                report = evaluate(model, processor.tokenizer, shards, args.split, settings, device=device,
-                                  dtype=dtype, max_samples=max_samples or args.max_samples, out_dir=out_dir)
+                scanned = scan_split(index, args.split, max_samples or args.max_samples)
+                report = evaluate(model, processor.tokenizer, scanned, settings, split=args.split, device=device,
+                                  dtype=dtype, out_dir=out_dir)
             return report
 
         def run_pipeline(part=clips, repeat=1):  # fresh dicts: the pipeline pops their keys

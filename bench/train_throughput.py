@@ -4,22 +4,25 @@
 Model: a Whisper of the chosen size (`--size`, dimensions from SIZES below) with random weights built from
 `WhisperConfig`: no download, and the speed of a step does not depend on the weights' values.
 
-This project (`launcher.train`'s step, one process, world size 1): the recipe (`--recipe`, default
+This project (`launcher.train.train_step`, one process, world size 1): the recipe (`--recipe`, default
 recipes/tiny_demo.yaml, plus `--set` overrides and the options below) gives the DeepSpeed config through
-`launcher.recipe.deepspeed_config` and the model settings (attention, gradient checkpointing, frozen encoder,
-SpecAugment) as `launcher.train.build_model` applies them. Batches are what `launcher.data.collate` makes of
-shard samples (unpadded float16 log-mel of synthetic audio of `--clip-seconds`, padded to 3000 frames there;
-random labels of `--label-len` tokens, end of text included): a few are built before timing and reused, pinned on
-the GPU, because in training they come from loader workers running beside the step (bench/loader_throughput.py
-measures that they keep up). Each step is the loop of `launcher.train.train`: copy to the device in the compute
-dtype, forward, the all-reduced finiteness check, backward, optimizer step.
+`launcher.recipe.deepspeed_config` (torch's AdamW, fused on the GPU) and the model settings (attention, gradient
+checkpointing, frozen encoder, SpecAugment) through `launcher.model.configure_for_training`, applied to the random
+weights. Batches are what `launcher.data.collate` makes of shard samples (unpadded float16 log-mel of synthetic
+audio of `--clip-seconds`, stacked to the batch's longest clip, not padded; random labels of `--label-len` tokens,
+end of text included): a few are built before timing and reused, pinned on the GPU, because in training they come
+from loader workers running beside the step (bench/loader_throughput.py measures that they keep up). Each step is
+`launcher.train.train_step`, the one the training loop runs: per micro-batch, copy the stored frames to the device,
+pad them there to Whisper's 3000 frames in the compute dtype (`launcher.features.pad_batch`), forward, backward,
+DeepSpeed's step (which skips a step whose gradients are not finite).
 
 The baseline (the Common Voice 11 event's approach): `transformers.Seq2SeqTrainer` with the event's DeepSpeed
 config (ZeRO-2, optimizer offloaded to the CPU, fp16), same model, batch, gradient accumulation, gradient
 checkpointing and label length, features computed on the fly from raw 16 kHz audio of `--clip-seconds` by
 `WhisperFeatureExtractor` in the data collator, in the main process (the Trainer's default of 0 loader workers,
 as in the event's script). Without a GPU: fp32, no offload. If DeepSpeed's CPU Adam cannot be built (it needs a
-CUDA toolkit), or Seq2SeqTrainer + DeepSpeed fails on the CPU, the fallback that ran is printed and saved.
+C++ compiler and DeepSpeed's sources), or Seq2SeqTrainer + DeepSpeed fails on the CPU, the fallback that ran is
+printed and saved.
 
 Both are timed from the end of the `--warmup-steps`-th step to the end of the last (`--steps` steps, each
 including fetching its batch), with the device synchronised. Reported: samples/s, audio hours per hour
@@ -27,7 +30,8 @@ including fetching its batch), with the device synchronised. Reported: samples/s
 bench/flops.py (against `--peak-tflops`; default 989, H100/H200 dense bf16/fp16, on CUDA in 16-bit; n/a on the
 CPU unless given), and peak GPU memory (torch.cuda.max_memory_allocated, reset once the engine is built).
 Each side runs in its own subprocess, one after the other (on the CPU with one thread each, `--threads`: the CPU run
-checks the script, the targets are for a GPU). Saves bench/results/train_throughput.json.
+checks the script, the targets are for a GPU). Saves bench/results/train_throughput.json (`--out`): the project's
+figures as soon as they are measured, then again with the baseline's.
 
     python bench/train_throughput.py                                 # tiny, CPU (1 thread, 2 steps): ~40 s
     python bench/train_throughput.py --size large-v3 --batch 16      # one H100: bf16, ZeRO-2
@@ -36,10 +40,10 @@ checks the script, the targets are for a GPU). Saves bench/results/train_through
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -109,13 +113,9 @@ def random_labels(label_len: int, rng) -> list[int]:
     return [int(i) for i in rng.integers(0, EOT, label_len - 1)] + [EOT]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def single_rank_env() -> None:
+    from launcher.launch import free_port
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
 
@@ -159,26 +159,19 @@ def build_recipe(args):
     return load_recipe(args.recipe, [*args.overrides, *sets])  # the benchmark's settings win
 
 
-def build_project_model(recipe, config, device):
-    """Random weights from `config`, configured exactly as launcher.train.build_model configures a loaded model."""
+def random_model(recipe, config, device):
+    """Random weights from `config`, configured for training as `launcher.model.load_model` configures a loaded
+    model (`launcher.model.configure_for_training`)."""
     import torch
     from transformers import WhisperForConditionalGeneration
 
-    m = recipe.model
+    from launcher.model import configure_for_training
+
+    attention = recipe.model.attn_implementation
     with torch.device(device):  # initialising large-v3 on the GPU takes seconds, on the CPU a minute
         torch.manual_seed(recipe.seed)
-        model = WhisperForConditionalGeneration._from_config(config, attn_implementation=m.attn_implementation,
-                                                             dtype=torch.float32)
-    model.config.use_cache = False
-    sa = m.spec_augment
-    model.config.apply_spec_augment = sa.enabled
-    model.config.mask_time_prob, model.config.mask_time_length = sa.mask_time_prob, sa.mask_time_length
-    model.config.mask_feature_prob, model.config.mask_feature_length = sa.mask_feature_prob, sa.mask_feature_length
-    if m.freeze_encoder:
-        model.model.encoder.requires_grad_(False)
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+        model = WhisperForConditionalGeneration._from_config(config, attn_implementation=attention, dtype=torch.float32)
+    return configure_for_training(model, recipe.model)
 
 
 def project_batches(recipe, config, args, n_batches: int, pin: bool) -> list[dict]:
@@ -196,12 +189,11 @@ def project_batches(recipe, config, args, n_batches: int, pin: bool) -> list[dic
         for i in range(recipe.data.batch_size_per_gpu):
             mel = log_mel_spectrogram(synthetic_audio(args.clip_seconds, rng), config.num_mel_bins)
             samples.append({"id": f"synthetic-{b}-{i}", "features": torch.from_numpy(mel.astype(np.float16)),
-                            "labels": random_labels(args.label_len, rng), "epoch": 0, "dropped_long": 0,
-                            "bad_data": 0})
+                            "labels": random_labels(args.label_len, rng), "epoch": 0, "position": i, "worker": 0,
+                            "dropped_long": 0, "bad_data": 0})
         batch = collate(samples)
-        if pin:
-            batch["input_features"] = batch["input_features"].pin_memory()
-            batch["labels"] = batch["labels"].pin_memory()
+        if pin:  # as train_loader(pin_memory=True) delivers them
+            batch.update({k: batch[k].pin_memory() for k in ("features", "frames", "pads", "labels")})
         batches.append(batch)
     return batches
 
@@ -210,62 +202,51 @@ def run_project(args) -> dict:
     import deepspeed
     import torch
     import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
 
+    from launcher.distributed import init_distributed, on_gpu
+    from launcher.model import DTYPES
     from launcher.recipe import deepspeed_config
+    from launcher.train import train_step
 
     quiet_deepspeed()
-    on_gpu = get_accelerator().device_name() == "cuda"
+    gpu = on_gpu()
     single_rank_env()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    if on_gpu:
+    init_distributed(gpu)
+    if gpu:
         torch.cuda.set_device(0)
-    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     recipe = build_recipe(args)
     config = whisper_config(args.size)
-    ds_config = deepspeed_config(recipe, 1, on_gpu=on_gpu)
-    if args.torch_adam:  # no CUDA toolkit to build DeepSpeed's FusedAdam: torch's AdamW (foreach) instead
-        ds_config["optimizer"]["params"]["torch_adam"] = True
-    model = build_project_model(recipe, config, device)
+    ds_config = deepspeed_config(recipe, 1, on_gpu=gpu, d_model=config.d_model)
+    model = random_model(recipe, config, device)
     n_params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.deepspeed.precision]
+    dtype = DTYPES[recipe.deepspeed.precision]
     accum = recipe.optim.grad_accum
-    batches = project_batches(recipe, config, args, n_batches=2, pin=on_gpu)
-    if on_gpu:
+    batches = itertools.cycle(project_batches(recipe, config, args, n_batches=2, pin=gpu))
+    if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
-    ends, losses, samples, tokens, micro = [], [], 0, 0, 0
+    ends, losses, samples, tokens = [], [], 0, 0
     engine.train()
     for step in range(args.warmup_steps + args.steps):
-        for _ in range(accum):  # launcher.train.train's inner loop
-            batch = batches[micro % len(batches)]
-            micro += 1
-            features = batch["input_features"].to(device, dtype, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            loss = engine(input_features=features, labels=labels).loss
-            finite = torch.isfinite(loss.detach()).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item():
-                engine.backward(loss)
-                engine.step()
-            elif accum > 1:
-                engine.step()
-            if step >= args.warmup_steps:
-                samples += len(batch["ids"])
-                tokens += int((batch["labels"] != -100).sum())
-        losses.append(float(loss.detach().float()))
-        if on_gpu:
+        result = train_step(engine, batches, accum, device, dtype)
+        if step >= args.warmup_steps:
+            samples += sum(len(b["ids"]) for b in result.batches)
+            tokens += sum(int((b["labels"] != -100).sum()) for b in result.batches)
+        losses.append(result.losses[-1])
+        if gpu:
             torch.cuda.synchronize()
         ends.append(time.perf_counter())
     timed = ends[args.warmup_steps - 1:]  # the end of the last warm-up step, then the end of each timed step
     seconds = timed[-1] - timed[0]
+    losses = [float(loss) for loss in losses]
     result = {
-        "what_ran": (f"launcher step: deepspeed.initialize(config=launcher.recipe.deepspeed_config(recipe)), "
-                     f"ZeRO-{recipe.deepspeed.zero_stage}, {recipe.deepspeed.precision}, "
-                     f"{'GPU' if on_gpu else 'CPU'}, batches from launcher.data.collate; optimizer "
+        "what_ran": (f"launcher.train.train_step on deepspeed.initialize(config=launcher.recipe.deepspeed_config("
+                     f"recipe)), ZeRO-{recipe.deepspeed.zero_stage}, {recipe.deepspeed.precision}, "
+                     f"{'GPU' if gpu else 'CPU'}, batches from launcher.data.collate; optimizer "
                      f"{optimizer_names(optimizer)}"),
         "parameters": n_params, "batch_per_step": recipe.data.batch_size_per_gpu * accum,
         "micro_batch": recipe.data.batch_size_per_gpu, "grad_accum": accum,
@@ -275,7 +256,8 @@ def run_project(args) -> dict:
         "ds_config": ds_config, "steps_timed": args.steps, "seconds": seconds, "samples": samples,
         "tokens": tokens, "step_seconds": [b - a for a, b in zip(timed, timed[1:], strict=False)],
         "loss_first_last": [losses[0], losses[-1]], "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+        "device_name": torch.cuda.get_device_name(0) if gpu else None,  # here: the parent never touches the GPU
     }
     dist.destroy_process_group()
     return result
@@ -323,7 +305,8 @@ def run_baseline(args, mode: str) -> dict:
     checkpointing = {"same": recipe.model.gradient_checkpointing, "on": True,
                      "off": False}[args.baseline_gradient_checkpointing]
     torch.manual_seed(recipe.seed)
-    model = WhisperForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.device("cuda" if on_gpu else "cpu"):  # the Trainer would move it there; initialising is faster there
+        model = WhisperForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.config.forced_decoder_ids = None  # as the event's script
     model.config.suppress_tokens = []
     rng = np.random.default_rng(recipe.seed)
@@ -442,8 +425,6 @@ def main() -> None:
     ap.add_argument("--baseline-gradient-checkpointing", choices=("same", "on", "off"), default="same",
                     help="the event trained with it on; default: as the project run")
     ap.add_argument("--baseline-workers", type=int, default=0, help="Trainer dataloader_num_workers (event: 0)")
-    ap.add_argument("--torch-adam", action="store_true",
-                    help="project: torch's AdamW in place of DeepSpeed's FusedAdam (automatic when it cannot be built)")
     ap.add_argument("--baseline-fp32", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, help="torch/OpenMP threads per process (default: 1 on the CPU, which keeps "
                                                 "a shared machine's timings steady; the torch default on a GPU)")
@@ -489,16 +470,37 @@ def main() -> None:
             str(args.warmup_steps)]
     notes: list[str] = []
     project, tail = run_part("project", argv, env, args.verbose)
-    if project is None and on_gpu and not args.torch_adam:
-        notes.append("project: DeepSpeed's FusedAdam could not be used (no CUDA toolkit to build it?), so the "
-                     "project ran with torch's AdamW (--torch-adam); launcher.train would fail the same way. Error:\n"
-                     + tail)
-        argv.append("--torch-adam")
-        project, tail = run_part("project", argv, env, args.verbose)
     if project is None:
         sys.exit(f"the project's step failed:\n{tail}")
+    config = whisper_config(args.size)
+    forward = flop_count.from_config(config, args.label_len)
+    peak = peak_tflops(args, on_gpu, args.precision)
+    summarise(project, forward, args, peak)
+    device = project["device_name"] or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    import deepspeed
+    import transformers
+
+    def write(baseline: dict | None, notes: list[str]) -> dict:
+        result = {
+            "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d %H:%M"), "device": device,
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "size": args.size, "dimensions": dict(zip(("n_mels", "d_model", "layers", "heads", "ffn", "vocab"),
+                                                      SIZES[args.size], strict=True)),
+            "label_len": args.label_len, "clip_seconds": args.clip_seconds, "recipe": str(args.recipe),
+            "overrides": args.overrides, "peak_tflops": peak, "threads": args.threads,
+            "flops_per_sample": {"forward": forward, "training": flop_count.training_flops(forward,
+                                                                                          project["freeze_encoder"])},
+            "project": project, "baseline": baseline,
+            "speedup_samples_per_s": baseline and project["samples_per_s"] / baseline["samples_per_s"],
+            "notes": notes, "targets": {"large-v3 MFU on one H100": ">= 0.45", "speed-up vs baseline": ">= 3"},
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
     baseline = None
-    if args.baseline:
+    if args.baseline:  # the project's figures are saved first: a baseline cut short leaves them
+        write(None, [*notes, "baseline: not finished (still running, or stopped)"])
         baseline, tail = run_part("baseline-deepspeed", argv, env, args.verbose)
         if baseline is None and on_gpu and args.baseline_offload == "cpu-adam":
             notes.append("baseline: DeepSpeedCPUAdam (the event's offload) failed, so the baseline ran WITHOUT "
@@ -511,33 +513,10 @@ def main() -> None:
             baseline, tail = run_part("baseline-plain", argv, env, args.verbose)
         if baseline is None:
             notes.append(f"baseline failed:\n{tail}")
-
-    config = whisper_config(args.size)
-    forward = flop_count.from_config(config, args.label_len)
-    peak = peak_tflops(args, on_gpu, args.precision)
-    summarise(project, forward, args, peak)
-    if baseline:
-        summarise(baseline, forward, args, peak)
-    ratio = baseline and project["samples_per_s"] / baseline["samples_per_s"]
-    device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({platform.processor() or platform.machine()}, " \
-                                                          f"{os.cpu_count()} cores)"
-    import deepspeed
-    import transformers
-
-    result = {
-        "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d %H:%M"), "device": device,
-        "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-        "size": args.size, "dimensions": dict(zip(("n_mels", "d_model", "layers", "heads", "ffn", "vocab"),
-                                                  SIZES[args.size], strict=True)),
-        "label_len": args.label_len, "clip_seconds": args.clip_seconds, "recipe": str(args.recipe),
-        "overrides": args.overrides, "peak_tflops": peak, "threads": args.threads,
-        "flops_per_sample": {"forward": forward, "training": flop_count.training_flops(forward,
-                                                                                      project["freeze_encoder"])},
-        "project": project, "baseline": baseline, "speedup_samples_per_s": ratio, "notes": notes,
-        "targets": {"large-v3 MFU on one H100": ">= 0.45", "speed-up vs baseline": ">= 3"},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        else:
+            summarise(baseline, forward, args, peak)
+    result = write(baseline, notes)
+    ratio = result["speedup_samples_per_s"]
 
     print(f"Whisper {args.size} ({project['parameters'] / 1e6:.1f} M parameters, random weights) on {device}"
           + (f", {args.threads} thread(s)" if args.threads else "") + "; "

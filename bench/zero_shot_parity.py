@@ -8,9 +8,10 @@ of scoring it give the same transcripts and the same WER, so that a WER the proj
 the event's.
 
 Project path: `launcher.shard.shard_corpus` (MP3 -> 16 kHz -> unpadded float16 log-mel in tar shards), then
-`launcher.evaluate.evaluate` on one process (padding back to 3000 frames, batched greedy `generate`, longest
-clips first, BasicTextNormalizer, per-clip Levenshtein counts). Its references are the shards' texts.
-Reference path (the event's evaluation script): the same MP3 files decoded with `launcher.audio.decode`, so both
+`launcher.evaluate.scan_split` + `launcher.evaluate.evaluate` on one process (padding back to 3000 frames, batched
+greedy `generate`, longest clips first, BasicTextNormalizer, per-clip Levenshtein counts). Its references are the
+shards' texts.
+Reference path (the event's evaluation script): the same MP3 files decoded with `launcher.audio.decode_audio`, so both
 paths start from identical 16 kHz samples (the shard step decodes them with the same call: the audio decoder is
 shared on purpose, so what is compared is features, batching, decoding and scoring); then
 `WhisperProcessor`'s feature extractor (30 s padded, float32), `model.generate(language, task="transcribe")`,
@@ -19,7 +20,7 @@ shared on purpose, so what is compared is features, batching, decoding and scori
 `sentence` column, read here with `csv`, not through the project's reader.
 
 Both paths: the same model object (fp32, loaded once), greedy, language token forced, the same `--batch` and
-`--max-new-tokens`, and the same batches: the reference path forms them as `launcher.evaluate.decode` does (one
+`--max-new-tokens`, and the same batches: the reference path forms them as `launcher.evaluate.transcribe` does (one
 split at a time, clips in index order, stably sorted longest first, cut every `--batch`), so every batch holds the
 same clips in the same rows on both sides. All inputs are 3000 frames, so nothing is padded, but a CPU matmul's
 result for one row can depend on the batch it is in; identical batches leave the features as the only
@@ -120,23 +121,28 @@ def read_tsv(corpus: Path, split: str) -> dict[str, tuple[str, str]]:
 
 def project_shard(corpus: Path, lang: str, splits: list[str] | None, n_mels: int, out: Path) -> tuple[dict, float]:
     """Shard the corpus (one process); returns the index and the seconds it took."""
-    from launcher.shard import Settings, shard_corpus
+    from launcher.shard import ShardSettings, shard_corpus
     from launcher.sources.common_voice import CommonVoiceRelease
 
     start = time.perf_counter()
-    index = shard_corpus(CommonVoiceRelease(corpus, lang), out, Settings(n_mels, SHARD_BYTES, lang), workers=0,
+    index = shard_corpus(CommonVoiceRelease(corpus, lang), out, ShardSettings(n_mels, SHARD_BYTES, lang), workers=0,
                          splits=splits)
     return index, time.perf_counter() - start
 
 
 def project_evaluate(model, tokenizer, shards: Path, split: str, settings, max_samples: int | None,
                      out_dir: Path) -> tuple[dict, list[dict], float]:
-    """`launcher.evaluate.evaluate` on one split: its report, its per-clip rows and the seconds it took."""
-    from launcher.evaluate import evaluate
+    """`launcher.evaluate.evaluate` on one split: its report, its per-clip rows and the seconds it took (the scan
+    of the shards included)."""
+    import torch
+
+    from launcher.evaluate import evaluate, scan_split
+    from launcher.shards import load_index
 
     start = time.perf_counter()
-    report = evaluate(model, tokenizer, shards, split, settings, device="cpu", dtype=model.dtype,
-                      max_samples=max_samples, out_dir=out_dir)
+    items = scan_split(load_index(shards), split, max_samples)
+    report = evaluate(model, tokenizer, items, settings, split=split, device=torch.device("cpu"), dtype=model.dtype,
+                      out_dir=out_dir)
     seconds = time.perf_counter() - start
     with open(out_dir / f"{split}.predictions.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
@@ -147,25 +153,26 @@ def project_evaluate(model, tokenizer, shards: Path, split: str, settings, max_s
 
 def load_clips(corpus: Path, split: str, ids: list[str]) -> list[Clip]:
     """The clips `ids` (the ones the shards kept, in index order): TSV sentence and audio decoded from the MP3."""
-    from launcher.audio import decode
+    from launcher.audio import decode_audio
 
     rows = read_tsv(corpus, split)
-    return [Clip(cid, rows[cid][1], decode((corpus / "clips" / rows[cid][0]).read_bytes())) for cid in ids]
+    return [Clip(cid, rows[cid][1], decode_audio((corpus / "clips" / rows[cid][0]).read_bytes())) for cid in ids]
 
 
 def batches_like_project(clips: list[Clip], batch_size: int) -> list[list[Clip]]:
-    """The batches `launcher.evaluate.decode` forms on one process: stable sort longest first, cut every batch."""
+    """The batches `launcher.evaluate.transcribe` forms on one process: stable sort longest first, cut every batch."""
     order = sorted(clips, key=lambda c: -c.seconds)
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def check_same_batches(shards: Path, split: str, clips: list[Clip], batch_size: int, max_samples: int | None) -> None:
-    """Stop unless the reference batches hold the clips `launcher.evaluate.decode` batches together: the order
+    """Stop unless the reference batches hold the clips `launcher.evaluate.transcribe` batches together: the order
     it sorts the shards' items into (by their stored `seconds`) must be ours (by the decoded audio's length)."""
     from launcher.evaluate import scan_split
+    from launcher.shards import load_index
 
     ours = [c.id for batch in batches_like_project(clips, batch_size) for c in batch]
-    theirs = [it.id for it in sorted(scan_split(shards, split, max_samples), key=lambda it: -it.seconds)]
+    theirs = [it.id for it in sorted(scan_split(load_index(shards), split, max_samples), key=lambda it: -it.seconds)]
     if ours != theirs:
         raise SystemExit(f"{split}: the reference batches differ from the project's; the comparison would not be fair")
 
@@ -206,12 +213,13 @@ def feature_gap(shards: Path, split: str, clips: list[Clip], processor, max_samp
 
     from launcher.evaluate import scan_split
     from launcher.features import pad_features
+    from launcher.shards import load_index
 
     audio = {c.id: c.audio for c in clips}
     gap = 0.0
-    for item in scan_split(shards, split, max_samples):
+    for item in scan_split(load_index(shards), split, max_samples):
         ref = processor.feature_extractor(audio[item.id], sampling_rate=16000, return_tensors="pt").input_features[0]
-        gap = max(gap, float(torch.max(torch.abs(pad_features(item.features()) - ref))))
+        gap = max(gap, float(torch.max(torch.abs(pad_features(item.mel.load()) - ref))))
     return gap
 
 
@@ -277,7 +285,7 @@ def main() -> None:
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
     from transformers.utils import logging as hf_logging
 
-    from launcher.evaluate import DecodeSettings
+    from launcher.model import DecodeSettings
 
     torch.set_num_threads(args.threads)
     # quiet: generate warns at every batch that max_new_tokens overrides the generation config's max_length (448),
