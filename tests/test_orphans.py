@@ -5,6 +5,7 @@
 - `launcher launch --run` stopped with SIGTERM to its process group (a terminal, `kill -- -PGID`, a container
   stop): the ranks must save, and the command must not return before its last descendant has ended, none of
   them left running with parent 1 meanwhile.
+- CPU ranks: DeepSpeed's shared-memory all-reduce files in /dev/shm (66 MB a rank, RAM) must not outlive the job.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import REPO, cpu_env, free_port
+from tests.conftest import REPO, cpu_env, deepspeed_cmd, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -179,3 +181,20 @@ def test_sigterm_to_the_group_of_launch_run_saves_and_the_command_outlives_every
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cpu_ranks_leave_nothing_in_dev_shm(tmp_path):
+    """DeepSpeed never removes its per-rank /dev/shm buffers: before the fix every 2-rank CPU run left 132 MB of RAM
+    behind (14 GB after a day of tests). Their names are gone right after the process group starts, and the
+    shared-memory all-reduce still works."""
+    port = free_port()
+    proc = subprocess.run(deepspeed_cmd("--num_gpus", "2", "--master_port", str(port), "--no_local_rank",
+                                        "tests/shm_probe.py", str(tmp_path)),
+                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["shm_op"] for r in ranks), "DeepSpeed's shared-memory all-reduce was not in use: nothing to check"
+    assert [r["all_reduce"] for r in ranks] == [[2.0] * 4] * 2
+    assert [r["files"] for r in ranks] == [[], []]
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert left == []
