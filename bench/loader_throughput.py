@@ -2,7 +2,7 @@
 """Training-loader throughput per worker, against what one GPU consumes.
 
 Measured: `launcher.data.train_loader` over `launcher.data.ShardStream`, exactly as `launcher.train` builds them
-(rank 0 of 1, shuffled, sha256 verified once per worker, labels made by `launcher.data.LabelEncoder`, the stored
+(rank 0 of 1, shuffled, sha256 verified once per worker, labels made by `launcher.labels.LabelEncoder`, the stored
 float16 frames stacked to the batch's longest clip by `launcher.data.collate` inside the workers, pinned on a GPU
 machine; the padding to Whisper's 3000 frames is done later, on the device, by the training step), reading real shards:
 `--shards DIR`, or by default the bundled French corpus sharded into a temporary folder with
@@ -108,7 +108,8 @@ def main() -> None:
     import torch
     from transformers import WhisperTokenizer
 
-    from launcher.data import LabelEncoder, ShardStream, train_shards
+    from launcher.data import ShardStream, train_shards
+    from launcher.labels import LabelEncoder
     from launcher.shards import load_index
     from launcher.tiny_model import build_tiny_whisper
 

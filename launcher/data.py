@@ -6,11 +6,14 @@ The plan, per epoch e (all of it follows from the seed, so every rank computes i
    epoch's global sequence of N samples (the counts come from index.json, nothing is read to plan);
 2. the sequence is cut into one contiguous range per rank (sizes differ by at most one) and each rank's
    range into one contiguous range per loader worker, so a worker reads only the shards its range covers;
-3. a worker reads its range in blocks of `shuffle_buffer` samples and yields each block in a seeded order.
+3. a worker reads its range in blocks of `shuffle_buffer` samples and takes each block in a seeded order;
+4. its clips, in that order, become training samples: one each, or with `data.pack` windows of several
+   (launcher/packing.py), which never span two epochs. A sample's labels (launcher/labels.py) take the timestamp
+   layout and a prompt by seeded draws that depend on the sample's first clip only.
 
 Each worker's stream runs on into the next epoch, so no rank ever runs dry: a run lasts `max_steps` optimizer
 steps on every rank (never "until the data ends", which hangs DeepSpeed when ranks hold unequal data), and
-within each epoch every sample is seen exactly once.
+within each epoch every clip is seen exactly once.
 
 Resuming on the same number of ranks and workers replays the plan and skips the batches already taken, without
 decoding them: the run goes on exactly as if never stopped. On another number (a 2-GPU run resumed on 1, say),
@@ -26,6 +29,7 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -33,11 +37,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from launcher.distributed import contiguous_range
 from launcher.errors import LauncherError
-from launcher.features import stack_features
-from launcher.shards import BadShard, Shard, ShardIndex, load_mel, read_samples
-from launcher.text import normalize_target
+from launcher.features import join_features, stack_features
+from launcher.labels import MAX_LABEL_TOKENS, LabelEncoder, Segment
+from launcher.packing import ClipRef, Packer, PackSettings, Window
+from launcher.shards import BadShard, Shard, ShardIndex, load_mel, mel_frames, read_samples
 
-MAX_LABEL_TOKENS = 448  # Whisper's decoder has 448 positions
 LABEL_BUCKET = 32  # label lengths are padded to a multiple of this: few distinct shapes, kernels and allocations reused
 
 
@@ -54,25 +58,6 @@ def epoch_shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool)
     if shuffle:
         random.Random(f"{seed}:{epoch}").shuffle(order)
     return order
-
-
-class LabelEncoder:
-    """Transcript -> label ids: [<|lang|>, <|task|>, <|notimestamps|>, text..., <|endoftext|>].
-
-    The model puts <|startoftranscript|> in front itself (decoder_start_token_id) when it shifts labels right
-    into decoder inputs, so labels start after it, as in the event's data collator."""
-
-    def __init__(self, tokenizer, language: str, task: str, normalize: bool, max_tokens: int = MAX_LABEL_TOKENS):
-        tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
-        self.prefix = tokenizer.prefix_tokens[1:]
-        self.eot = tokenizer.eos_token_id
-        self.tokenizer, self.normalize, self.max_tokens = tokenizer, normalize, max_tokens
-
-    def __call__(self, text: str) -> list[int] | None:
-        """Label ids, or None when they would not fit the decoder (dropped, never truncated)."""
-        text = normalize_target(text) if self.normalize else text
-        ids = [*self.prefix, *self.tokenizer.encode(" " + text.strip(), add_special_tokens=False), self.eot]
-        return ids if len(ids) + 1 <= self.max_tokens else None  # +1: the start token the model prepends
 
 
 @dataclass
@@ -174,8 +159,13 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[Shard], labels: LabelEncoder, *, rank: int, world_size: int, seed: int,
                  shuffle: bool, shuffle_buffer: int, batch_size: int, plan: DataPlan | None = None,
-                 skip_batches: int = 0, verify: bool = False, on_bad_data: str = "skip"):
+                 skip_batches: int = 0, verify: bool = False, on_bad_data: str = "skip",
+                 pack: PackSettings | None = None, timestamp_probability: float = 0.0,
+                 prompt_probability: float = 0.0):
         self.shards, self.labels = shards, labels
+        self.pack = pack
+        self.timestamp_probability, self.prompt_probability = timestamp_probability, prompt_probability
+        self._warned_no_speaker = False
         self.verify, self.on_bad_data = verify, on_bad_data
         self._checked: dict[Shard, BadShard | None] = {}  # sha256 verdicts, per worker process
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -227,15 +217,15 @@ class ShardStream(IterableDataset):
                 yield shard, wanted, offset
             offset += shard.samples
 
-    def _blocks(self, epoch: int, worker: int, workers: int, bad: list[int]) -> Iterator[list[tuple]]:
-        """This worker's samples of one epoch in blocks of `shuffle_buffer`; bad data is counted into `bad`."""
+    def _blocks(self, epoch: int, worker: int, workers: int, counts: dict) -> Iterator[list[tuple]]:
+        """This worker's samples of one epoch in blocks of `shuffle_buffer`; bad data is counted into `counts`."""
         block: list = []
         for shard, wanted, offset in self.epoch_items(epoch, worker, workers):
             try:
                 if self.verify:
                     self._check(shard)
             except BadShard as e:
-                bad[0] += self._bad(BadShard(str(e), skipped=len(wanted)), worker)
+                counts["bad"] += self._bad(BadShard(str(e), skipped=len(wanted)), worker)
                 continue
             try:
                 for sample in read_samples(shard.path, wanted):
@@ -244,49 +234,98 @@ class ShardStream(IterableDataset):
                         yield block
                         block = []
             except BadShard as e:
-                bad[0] += self._bad(e, worker)
+                counts["bad"] += self._bad(e, worker)
         if block:
             yield block
 
-    def samples(self, worker: int, workers: int) -> Iterator[dict]:
-        """This worker's endless stream: epochs one after another, each block in a seeded order. Samples whose
-        labels do not fit, and bad data, are left out and counted in the next sample's `dropped_long` and
-        `bad_data`."""
-        to_skip = self._skip_samples(worker, workers)
-        epoch, dropped, bad = self.plan.start_epoch, 0, [0]
+    def _clips(self, block: list[tuple], epoch: int, worker: int, counts: dict) -> Iterator[ClipRef]:
+        """The usable clips of a block; bad data and labels that cannot fit are counted into `counts`."""
+        for shard_name, position, key, mel, meta in block:
+            try:
+                meta = json.loads(meta)
+                text_ids = self.labels.text_ids(meta["text"])
+                clip = ClipRef(meta["id"], epoch, position, text_ids, float(meta.get("seconds", 0.0)), mel,
+                               speaker=meta.get("speaker"))
+                if self.pack is not None:
+                    clip.frames = mel_frames(mel)
+            except (ValueError, KeyError, TypeError) as e:
+                counts["bad"] += self._bad(BadShard(f"sample {key!r} of shard {shard_name}: bad json or features "
+                                                    f"({e})", 1), worker)
+                continue
+            if not self.labels.fits([len(text_ids)]):
+                counts["dropped"] += 1
+                continue
+            if clip.speaker is None and self.pack is not None and self.pack.same_speaker \
+                    and not self._warned_no_speaker:
+                self._warned_no_speaker = True
+                print(f"warning: rank {self.rank} worker {worker}: shard {shard_name} has clips without a speaker id "
+                      "(sharded before speakers were recorded, or the source has none); with "
+                      "data.pack.same_speaker they are not joined to other clips", file=sys.stderr, flush=True)
+            yield clip
+
+    def _windows(self, worker: int, workers: int, counts: dict) -> Iterator[Window]:
+        """This worker's endless stream of windows (one clip each without packing): epochs one after another,
+        each block of clips in a seeded order."""
+        epoch, packer = self.plan.start_epoch, Packer(self.pack, self.labels.fits)
         while True:
             produced = 0
-            for block_no, block in enumerate(self._blocks(epoch, worker, workers, bad)):
+            for block_no, block in enumerate(self._blocks(epoch, worker, workers, counts)):
                 if self.shuffle:
                     random.Random(f"{self.seed}:{epoch}:{self.rank}:{worker}:{block_no}").shuffle(block)
-                for shard_name, position, key, mel, meta in block:
-                    try:
-                        meta = json.loads(meta)
-                        labels = self.labels(meta["text"])
-                    except (ValueError, KeyError, TypeError) as e:
-                        bad[0] += self._bad(BadShard(f"sample {key!r} of shard {shard_name}: bad json ({e})", 1),
-                                            worker)
-                        continue
-                    if labels is None:
-                        dropped += 1
-                        continue
-                    produced += 1
-                    if to_skip:  # delivered before the checkpoint, drops included: count nothing twice
-                        to_skip, dropped, bad[0] = to_skip - 1, 0, 0
-                        continue
-                    try:
-                        features = torch.from_numpy(load_mel(mel))
-                    except (ValueError, OSError, EOFError) as e:
-                        bad[0] += self._bad(BadShard(f"sample {key!r} of shard {shard_name}: unreadable features "
-                                                    f"({e})", 1), worker)
-                        continue
-                    yield {"id": meta["id"], "features": features, "labels": labels, "epoch": epoch,
-                           "position": position, "worker": worker, "dropped_long": dropped, "bad_data": bad[0]}
-                    dropped, bad[0] = 0, 0
+                for clip in self._clips(block, epoch, worker, counts):
+                    for window in packer.add(clip):
+                        produced += 1
+                        yield window
+                if self.pack is not None and self.pack.same_speaker:
+                    for window in packer.flush():
+                        produced += 1
+                        yield window
+            for window in packer.flush():
+                produced += 1
+                yield window
             if produced == 0 and epoch not in self.plan.excluded:  # a worker's rest of an epoch may be empty
                 raise LauncherError(f"rank {self.rank} worker {worker}: no usable sample in its part of the data "
                                     "(all unreadable, or labels over 448 tokens)")
             epoch += 1
+
+    def samples(self, worker: int, workers: int) -> Iterator[dict]:
+        """This worker's training samples: one per window. Dropped and bad samples are counted in the next
+        sample's `dropped_long` and `bad_data`. Windows a resume skips are built (so the plan and the prompts
+        run as uninterrupted) but not loaded."""
+        to_skip = self._skip_samples(worker, workers)
+        counts = {"dropped": 0, "bad": 0}
+        previous: tuple[int, ...] = ()  # the last window's text, for prompts
+        for window in self._windows(worker, workers, counts):
+            first = window.clips[0]
+            text = tuple(t for c in window.clips for t in c.text_ids)
+            if to_skip:  # delivered before the checkpoint, drops included: count nothing twice
+                to_skip, counts["dropped"], counts["bad"], previous = to_skip - 1, 0, 0, text
+                continue
+            try:
+                features = self._features(window)
+            except (ValueError, OSError, EOFError) as e:
+                counts["bad"] += self._bad(BadShard(f"window of {[c.id for c in window.clips]}: unreadable features "
+                                                    f"({e})", len(window.clips)), worker)
+                continue
+            # the same choices for the same window whatever the ranks and workers
+            draw = random.Random(f"{self.seed}:{first.epoch}:{first.position}")
+            timestamps, prompted = draw.random() < self.timestamp_probability, draw.random() < self.prompt_probability
+            segments = [Segment(c.text_ids, start, start + c.seconds) for c, start in zip(window.clips, window.starts(),
+                                                                                          strict=True)]
+            labels = self.labels.window(segments, timestamps=timestamps)
+            yield {"ids": [c.id for c in window.clips], "features": features, "labels": labels,
+                   "prompt": self.labels.prompt(previous, len(labels)) if prompted else [],
+                   "epoch": first.epoch, "positions": [(c.epoch, c.position) for c in window.clips],
+                   "seconds": sum(c.seconds for c in window.clips), "worker": worker,
+                   "dropped_long": counts["dropped"], "bad_data": counts["bad"]}
+            counts["dropped"], counts["bad"], previous = 0, 0, text
+
+    @staticmethod
+    def _features(window: Window) -> torch.Tensor:
+        if len(window.clips) == 1:
+            return torch.from_numpy(load_mel(window.clips[0].mel))
+        joined = join_features([load_mel(c.mel) for c in window.clips], window.offsets)
+        return torch.from_numpy(joined.astype(np.float16))
 
     def worker_stream(self, loader_worker: int, workers: int) -> Iterator[dict]:
         """The stream of DataLoader worker `loader_worker`. DataLoader takes batch i from worker i % workers from
@@ -298,20 +337,35 @@ class ShardStream(IterableDataset):
         return self.worker_stream(*self._worker())
 
 
-def collate(samples: list[dict], pad_token_id: int = -100) -> dict:
+def collate(samples: list[dict], start_token: int | None = None, pad_token: int | None = None) -> dict:
     """A batch as it travels to the device: the stored float16 frames (`stack_features`; `features.pad_batch` makes
     Whisper's 30 s window on the device), labels padded with -100 (ignored by the loss) to a multiple of
-    LABEL_BUCKET tokens, and what the loop records about the samples."""
-    longest = max(len(s["labels"]) for s in samples)
-    width = min(-(-longest // LABEL_BUCKET) * LABEL_BUCKET, MAX_LABEL_TOKENS)
-    labels = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    LABEL_BUCKET tokens, and what the loop records about the samples (`ids` of every clip, `windows`: the clips of
+    each sample).
+
+    With prompts (`labels.LabelEncoder.prompt`) the batch also carries the decoder inputs, which the model would
+    otherwise make from the labels: [prompt..., start, labels[:-1]], the prompt's targets -100. `start_token` and
+    `pad_token` are needed then (`train_loader` gives them)."""
+    prompted = any(s["prompt"] for s in samples)
+    lengths = [len(s["prompt"]) + len(s["labels"]) for s in samples]
+    width = min(-(-max(lengths) // LABEL_BUCKET) * LABEL_BUCKET, MAX_LABEL_TOKENS)
+    labels = torch.full((len(samples), width), -100, dtype=torch.long)
     for i, s in enumerate(samples):
-        labels[i, : len(s["labels"])] = torch.tensor(s["labels"])
+        labels[i, len(s["prompt"]): lengths[i]] = torch.tensor(s["labels"])
+    batch = {}
+    if prompted:
+        if start_token is None or pad_token is None:
+            raise ValueError("a batch with prompts needs start_token and pad_token")
+        inputs = torch.full((len(samples), width), pad_token, dtype=torch.long)
+        for i, s in enumerate(samples):  # what the model reads at each position: the sequence shifted right
+            inputs[i, : lengths[i]] = torch.tensor([*s["prompt"], start_token, *s["labels"][:-1]])
+        batch["decoder_input_ids"] = inputs
     features, frames, pads = stack_features([s["features"] for s in samples])
-    return {"features": features, "frames": frames, "pads": pads, "labels": labels,
-            "tokens": sum(len(s["labels"]) for s in samples), "ids": [s["id"] for s in samples],
-            "epochs": [s["epoch"] for s in samples],
-            "positions": [(s["epoch"], s["position"]) for s in samples], "worker": samples[0]["worker"],
+    return {**batch, "features": features, "frames": frames, "pads": pads, "labels": labels,
+            "tokens": sum(len(s["labels"]) for s in samples), "ids": [i for s in samples for i in s["ids"]],
+            "windows": [s["ids"] for s in samples], "epochs": [s["epoch"] for s in samples for _ in s["ids"]],
+            "positions": [p for s in samples for p in s["positions"]], "worker": samples[0]["worker"],
+            "seconds": sum(s["seconds"] for s in samples),
             "epoch": max(s["epoch"] for s in samples), "dropped_long": sum(s["dropped_long"] for s in samples),
             "bad_data": sum(s["bad_data"] for s in samples)}
 
@@ -324,6 +378,7 @@ def _worker_ignores_stop_signals(_: int) -> None:
 
 
 def train_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(stream, batch_size=stream.batch_size, collate_fn=collate, num_workers=num_workers,
+    batch = partial(collate, start_token=stream.labels.start, pad_token=stream.labels.eot)
+    return DataLoader(stream, batch_size=stream.batch_size, collate_fn=batch, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers else None,
                       worker_init_fn=_worker_ignores_stop_signals if num_workers else None)

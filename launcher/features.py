@@ -98,6 +98,28 @@ def pad_value(stored_max: float) -> float:
     return max((LOG_FLOOR + 4.0) / 4.0, stored_max - DYNAMIC_RANGE / 4.0)
 
 
+def join_features(mels: list[np.ndarray], offsets: list[int], frames: int | None = None) -> np.ndarray:
+    """Unpadded log-mels placed at frame `offsets` of one window -> that window's unpadded log-mel, float32
+    [n_mels, frames] (default: up to the last clip's end): what `log_mel_spectrogram` gives for the clips' audio
+    placed at samples 160 * offset with silence between them.
+
+    Exact but for the frames whose 25 ms STFT window spans a join (see bench/packing.py's measurement): each
+    stored clip saw Whisper's reflection of its own first samples and zeros after its end. Between clips lies
+    silence (the floor, LOG_FLOOR); then everything is clamped to 8 below the window's maximum, which is a no-op
+    for the clip holding it and lifts the others' floors from their own maximum - 8 to the window's: each clip's
+    stored values are max(x, own_max - 8) and max(that, window_max - 8) = max(x, window_max - 8)."""
+    if len(mels) != len(offsets) or not mels:
+        raise ValueError(f"need one offset per clip, got {len(mels)} clips and {len(offsets)} offsets")
+    end = max(o + m.shape[-1] for m, o in zip(mels, offsets, strict=True))
+    frames = end if frames is None else frames
+    if end > frames:
+        raise ValueError(f"clips reach frame {end}, past the window's {frames}")
+    out = np.full((mels[0].shape[0], frames), (LOG_FLOOR + 4.0) / 4.0, dtype=np.float32)
+    for mel, offset in zip(mels, offsets, strict=True):
+        out[:, offset: offset + mel.shape[-1]] = mel
+    return np.maximum(out, out.max() - DYNAMIC_RANGE / 4.0)
+
+
 def stack_features(mels: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unpadded log-mels -> ([batch, n_mels, longest] in their dtype (float16 from shards), frames per clip,
     float32 pad value per clip).

@@ -66,7 +66,10 @@ class DecodeSettings:
         # so it is the number of new tokens; `max_new_tokens` beside a model's max_length only adds a warning
         settings = {"language": self.language, "task": self.task, "return_timestamps": False,
                     "num_beams": self.num_beams, "do_sample": False, "max_length": self.max_new_tokens,
-                    "max_new_tokens": None, "forced_decoder_ids": None}
+                    "max_new_tokens": None, "forced_decoder_ids": None,
+                    # one generate pass per clip, as openai's decode: otherwise transformers' seek loop re-decodes a
+                    # clip whose output holds a timestamp token (a model trained on timestamped labels may emit one)
+                    "force_unique_generate_call": True}
         for key, value in settings.items():  # setattr: GenerationConfig.update skips keys it does not define yet
             setattr(config, key, value)
         return config

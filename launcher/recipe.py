@@ -46,6 +46,14 @@ class ModelSection(Section):
     spec_augment: SpecAugment = SpecAugment()
 
 
+class PackSection(Section):
+    enabled: bool = Field(False, description="join consecutive training clips into windows of up to max_seconds "
+                                             "(launcher/packing.py); evaluation stays on single clips")
+    max_seconds: Annotated[float, Field(gt=0.0, le=30.0)] = 30.0
+    same_speaker: bool = Field(False, description="join only clips of one speaker (the shards' speaker ids)")
+    gap_seconds: Annotated[float, Field(ge=0.0, le=5.0)] = Field(0.2, description="silence between two clips")
+
+
 class DataSection(Section):
     shards: Path = Field(description="folder holding index.json, from `launcher shard`")
     train_split: str = "train"
@@ -60,6 +68,13 @@ class DataSection(Section):
     on_bad_data: Literal["skip", "stop"] = Field(
         "skip", description="a shard failing its sha256, a truncated tar or an unreadable sample: skip it (named "
                             "in the log, counted) or stop the run")
+    pack: PackSection = PackSection()
+    timestamp_probability: Probability = Field(
+        0.0, description="share of training samples whose labels carry each clip's start and end timestamps "
+                         "(Whisper's timestamp tokens) instead of <|notimestamps|>; keeps timestamp prediction")
+    prompt_probability: Probability = Field(
+        0.0, description="share of training samples given the previous sample's text as a <|startofprev|> prompt "
+                         "(not learned), as Whisper conditions on earlier text in long-form decoding")
 
 
 class OptimSection(Section):
@@ -95,6 +110,10 @@ class EvalSection(Section):
     max_new_tokens: Annotated[int, Field(ge=1, le=444)] = 225
     num_beams: PositiveInt = 1
     test_at_end: bool = Field(True, description="score the delivered model on the test split and write its card")
+    long_form_seconds: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="also score each eval split (and test at the end) on recordings of up to this many seconds "
+                          "joined from one speaker's clips, decoded long-form (wer_long); the best checkpoint is still "
+                          "chosen by clip WER")
 
 
 class CheckpointSection(Section):
@@ -318,7 +337,7 @@ def deepspeed_config(recipe: Recipe, world_size: int, *, on_gpu: bool, nodes: in
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if d.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    warmup = o.warmup_steps
+    warmup = max(o.warmup_steps, 1)  # DeepSpeed's schedulers refuse 0; one step of warmup is none to speak of
     if o.schedule == "linear":
         scheduler = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
                                                          "warmup_num_steps": warmup, "warmup_type": "linear",

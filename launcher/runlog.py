@@ -57,7 +57,8 @@ class RunLogger:
         if self.wandb_run:
             self.wandb_run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
         status = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['samples_per_s']:.1f} samples/s  "
-                  f"epoch {record['epoch']}")
+                  + (f"{record['audio_s_per_s']:.0f} audio-s/s  " if "audio_s_per_s" in record else "")
+                  + f"epoch {record['epoch']}")
         if self.live:
             self.progress.update(self.task, completed=step, status=status)
         else:

@@ -95,10 +95,10 @@ def _init_worker(parent_alive=None) -> None:
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def featurize(task: tuple[int, str, str, str, bytes, int, str]) -> tuple:
-    """(item, id, origin, text, encoded audio, n_mels, lang) -> ("ok", item, id, npy bytes, json bytes, seconds)
-    or ("drop", item, id, reason, detail)."""
-    item, cid, origin, text, data, n_mels, lang = task
+def featurize(task: tuple[int, str, str, str, bytes, int, str, str | None]) -> tuple:
+    """(item, id, origin, text, encoded audio, n_mels, lang, speaker) -> ("ok", item, id, npy bytes, json bytes,
+    seconds) or ("drop", item, id, reason, detail)."""
+    item, cid, origin, text, data, n_mels, lang, speaker = task
     try:
         samples = audio.decode_audio(data)
     except audio.AudioError as e:
@@ -110,7 +110,8 @@ def featurize(task: tuple[int, str, str, str, bytes, int, str]) -> tuple:
     mel = features.log_mel_spectrogram(samples, n_mels).astype(np.float16)
     buf = io.BytesIO()
     np.save(buf, mel, allow_pickle=False)
-    meta = {"id": cid, "text": text, "lang": lang, "seconds": round(seconds, 4)}
+    meta = {"id": cid, "text": text, "lang": lang, "seconds": round(seconds, 4),
+            **({"speaker": speaker} if speaker else {})}
     return ("ok", item, cid, buf.getvalue(), json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(), seconds)
 
 
@@ -378,7 +379,7 @@ def _shard_split(source: Source, split: str, out: Path, settings: ShardSettings,
                 drops.extend([drop] if drop and item >= skip else [])
                 progress.advance(task)
                 continue
-            yield (item, clip.id, clip.origin, text, clip.audio, settings.n_mels, settings.language)
+            yield (item, clip.id, clip.origin, text, clip.audio, settings.n_mels, settings.language, clip.speaker)
 
     if journal.complete:
         for _ in tasks():

@@ -188,6 +188,17 @@ class TarSample:
     mel_ref: MelRef
 
 
+def mel_frames(data: bytes) -> int:
+    """Frames of a stored log-mel, from its .npy header alone (nothing decoded)."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    shape, _, _ = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                   np.lib.format.read_array_header_2_0)(buf)
+    if len(shape) != 2:
+        raise ValueError(f"features must be [n_mels, frames], got shape {shape}")
+    return int(shape[1])
+
+
 def load_mel(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 

@@ -9,9 +9,10 @@ extractor) that `WhisperForConditionalGeneration`, `WhisperProcessor`, `WhisperT
   tokens right after it, as transformers' Whisper code assumes;
 - a small random `WhisperForConditionalGeneration` with the real 1500-position encoder (30 s of features), so it
   takes the same [batch, n_mels, 3000] input as the full-size models;
+- Whisper's 1501 timestamp tokens `<|0.00|>` .. `<|30.00|>` right after the special tokens, as plain added tokens
+  (transformers finds them at the last special id + 1), so timestamped labels and long-form generation work;
 - a generation config with the language and task tables `generate(language=..., task=...)` reads.
 
-There are no timestamp tokens: generate with `return_timestamps=True` (and so long-form audio) is not supported.
 Same arguments give byte-identical tokenizer files and identical weights.
 """
 
@@ -55,6 +56,11 @@ def special_tokens() -> list[str]:
             "<|nocaptions|>", "<|notimestamps|>"]
 
 
+def timestamp_tokens() -> list[str]:
+    """<|0.00|> .. <|30.00|>, every 0.02 s, as in Whisper's vocabulary."""
+    return [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary and merges of a GPT-2-style byte-level BPE (the pre-tokenizer Whisper uses) trained on `texts`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -72,6 +78,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tuple[dict[str, int], li
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int) -> WhisperTokenizer:
+    from tokenizers import AddedToken
     from transformers import WhisperTokenizer
 
     vocab, merges = train_bpe(texts, vocab_size)
@@ -79,6 +86,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> WhisperTokenizer:
                                  pad_token=EOT)
     # <|endoftext|> is already added (as eos); the rest follow it in order, so ids are len(vocab) + position
     tokenizer.add_special_tokens({"additional_special_tokens": special_tokens()[1:]})
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False)
+                          for t in timestamp_tokens()])
     return tokenizer
 
 
@@ -113,7 +122,7 @@ def build_generation_config(ids: dict[str, int]) -> GenerationConfig:
         is_multilingual=True, lang_to_id={token: ids[token] for token in language_tokens()},
         task_to_id={task: ids[f"<|{task}|>"] for task in TASKS}, no_timestamps_token_id=ids["<|notimestamps|>"],
         prev_sot_token_id=ids["<|startofprev|>"], forced_decoder_ids=None, suppress_tokens=[],
-        begin_suppress_tokens=[eot])
+        begin_suppress_tokens=[eot], max_initial_timestamp_index=50)
 
 
 def build_tiny_whisper(out: Path, *, n_mels: int = 80, texts: Iterable[str] | None = None, vocab_size: int = 400,

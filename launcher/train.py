@@ -153,8 +153,9 @@ class Window:
 
     loss: object  # tensor: sum of finite micro-batch losses
     finite: object  # tensor: how many micro-batch losses were finite
-    samples: int = 0
+    samples: int = 0  # clips (a packed window counts each of its clips)
     tokens: int = 0
+    audio: float = 0.0  # seconds of the clips' audio
     dropped: int = 0
     bad: int = 0
     skipped: int = 0
@@ -185,7 +186,10 @@ def train_step(engine, batches, grad_accum: int, device, dtype) -> StepResult:
         stored, frames, pads = (batch[k].to(device, non_blocking=True) for k in ("features", "frames", "pads"))
         features = pad_batch(stored, frames, pads, dtype)  # Whisper's 30 s window, made on the device
         labels = batch["labels"].to(device, non_blocking=True)
-        loss = engine(input_features=features, labels=labels).loss
+        inputs = batch.get("decoder_input_ids")  # with prompts; else the model shifts the labels itself
+        if inputs is not None:
+            inputs = inputs.to(device, non_blocking=True)
+        loss = engine(input_features=features, labels=labels, decoder_input_ids=inputs).loss
         engine.backward(loss)
         engine.step()
         result.batches.append(batch)
@@ -240,7 +244,6 @@ def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bo
     )
     from launcher.data import (
         DataPlan,
-        LabelEncoder,
         ShardStream,
         TrainedPositions,
         loader_state,
@@ -248,7 +251,9 @@ def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bo
         train_loader,
         train_shards,
     )
+    from launcher.labels import LabelEncoder
     from launcher.model import DTYPES, load_model
+    from launcher.packing import PackSettings
     from launcher.periodic import PeriodicEval
     from launcher.runlog import RunLogger
 
@@ -301,12 +306,16 @@ def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bo
             _truncate_jsonl(run_dir / "train_log.jsonl", loop.step)
         if samples_log:
             _truncate_jsonl(samples_log, loop.step)
+    data = recipe.data
     labels = LabelEncoder(processor.tokenizer, recipe.model.language, recipe.model.task,
-                          normalize=recipe.data.target_text == "normalized")
-    stream = ShardStream(shards, labels, rank=rank, world_size=world, seed=recipe.seed, shuffle=recipe.data.shuffle,
-                         shuffle_buffer=recipe.data.shuffle_buffer, batch_size=recipe.data.batch_size_per_gpu,
-                         plan=plan, skip_batches=skip, verify=recipe.data.verify_shards,
-                         on_bad_data=recipe.data.on_bad_data)
+                          normalize=data.target_text == "normalized", timestamps=data.timestamp_probability > 0)
+    pack = PackSettings.from_seconds(data.pack.max_seconds, data.pack.gap_seconds, data.pack.same_speaker) \
+        if data.pack.enabled else None
+    stream = ShardStream(shards, labels, rank=rank, world_size=world, seed=recipe.seed, shuffle=data.shuffle,
+                         shuffle_buffer=data.shuffle_buffer, batch_size=data.batch_size_per_gpu, plan=plan,
+                         skip_batches=skip, verify=data.verify_shards, on_bad_data=data.on_bad_data, pack=pack,
+                         timestamp_probability=data.timestamp_probability,
+                         prompt_probability=data.prompt_probability)
     batches = iter(train_loader(stream, recipe.data.num_workers, pin_memory=gpu))
     if samples_log:
         samples_log.parent.mkdir(parents=True, exist_ok=True)
@@ -345,11 +354,15 @@ def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bo
             window.finite += finite
             window.samples += len(batch["ids"])
             window.tokens += batch["tokens"]
+            window.audio += batch["seconds"]
             window.dropped += batch["dropped_long"]
             window.bad += batch["bad_data"]
             epoch = max(epoch, batch["epoch"])
             if samples_log:
-                samples_out.write(json.dumps({"step": step, "ids": batch["ids"], "epochs": batch["epochs"]}) + "\n")
+                record = {"step": step, "ids": batch["ids"], "epochs": batch["epochs"]}
+                if pack:  # the clips of each window
+                    record["windows"] = batch["windows"]
+                samples_out.write(json.dumps(record) + "\n")
         loop.step, loop.batches = step, loop.batches + optim.grad_accum
         if engine.was_step_applied():
             loop.nonfinite_in_row = 0
@@ -359,18 +372,19 @@ def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bo
         logged = step % logging.every_steps == 0 or step == optim.max_steps
         stop_agreed = False
         if logged or step % SYNC_EVERY == 0:
-            counts = [window.samples, window.tokens, window.dropped, window.bad, float(stop.requested)]
+            counts = [window.samples, window.tokens, window.dropped, window.bad, window.audio, float(stop.requested)]
             stats = torch.cat([torch.stack([window.loss, window.finite]).double(),
                                torch.tensor(counts, dtype=torch.float64).to(device)])
             dist.all_reduce(stats)  # the one collective the loop adds; a sync step only
-            stop_agreed = bool(stats[6] > 0)
+            stop_agreed = bool(stats[7] > 0)
             if logged:
                 if engine.was_step_applied():
                     grad_norm = float(engine.get_global_grad_norm() or 0.0)
                 logger.log({"step": step, "loss": float(stats[0] / max(float(stats[1]), 1.0)),
                             "lr": float(scheduler.get_last_lr()[0]), "grad_norm": grad_norm,
                             "samples_per_s": float(stats[2]) / window.seconds,
-                            "tokens_per_s": float(stats[3]) / window.seconds, "epoch": epoch,
+                            "tokens_per_s": float(stats[3]) / window.seconds,
+                            "audio_s_per_s": float(stats[6]) / window.seconds, "epoch": epoch,
                             "dropped_long_labels": int(stats[4]), "skipped_bad_samples": int(stats[5]),
                             "skipped_nonfinite_steps": window.skipped, "window_s": window.seconds,
                             "time": time.time()})

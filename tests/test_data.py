@@ -15,7 +15,6 @@ import torch
 from transformers import WhisperTokenizerFast
 
 from launcher.data import (
-    LabelEncoder,
     ShardStream,
     TrainedPositions,
     collate,
@@ -26,6 +25,7 @@ from launcher.data import (
 )
 from launcher.distributed import contiguous_range
 from launcher.features import pad_batch, pad_features
+from launcher.labels import LabelEncoder
 from launcher.shards import BadShard, Shard, load_index, read_samples
 
 
@@ -60,7 +60,7 @@ def test_every_sample_is_seen_once_per_epoch_across_ranks_and_workers(demo_shard
                 gen = s.samples(worker, workers)
                 taken = [next(gen) for _ in range(n * (epoch + 1))][n * epoch:]
                 assert {t["epoch"] for t in taken} == {epoch}
-                seen += [t["id"] for t in taken]
+                seen += [i for t in taken for i in t["ids"]]
         assert Counter(seen) == Counter(ids), f"epoch {epoch}"
 
 
@@ -223,7 +223,7 @@ def test_over_long_labels_are_dropped_and_counted_never_truncated(tmp_path, targ
     s = ShardStream([Shard(shard, 3)], targets, rank=0, world_size=1, seed=0, shuffle=False, shuffle_buffer=1,
                     batch_size=1)
     got = [x for _, x in zip(range(4), s.samples(0, 1), strict=False)]
-    assert [g["id"] for g in got] == ["s0", "s2", "s0", "s2"]
+    assert [g["ids"] for g in got] == [["s0"], ["s2"], ["s0"], ["s2"]]
     assert [g["dropped_long"] for g in got] == [0, 1, 0, 1]
 
 

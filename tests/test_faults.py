@@ -79,11 +79,34 @@ def samples_by_step(run_dir: Path) -> dict[int, dict[int, list]]:
     return out
 
 
+# packing on, with timestamped labels and prompts: windows of several clips, decoder inputs built by the collate
+PACKED = ("data.pack.enabled=true", "data.pack.max_seconds=10", "data.timestamp_probability=0.5",
+          "data.prompt_probability=0.5")
+
+
+@pytest.fixture(scope="module")
+def packed_reference_run(tiny_model, demo_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("packed-reference") / "run"
+    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT, *PACKED))
+    return run_dir
+
+
+def windows_by_step(run_dir: Path) -> dict[int, dict[int, list]]:
+    """{rank: {step: the clips of each window}} from the sample-id log."""
+    out: dict[int, dict[int, list]] = {}
+    for rank_file in (run_dir / "samples").glob("rank-*.jsonl"):
+        records = [json.loads(line) for line in rank_file.read_text().splitlines()]
+        out[int(rank_file.stem.split("-")[1])] = {r["step"]: r["windows"] for r in records}
+    return out
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 def test_resume_after_sigkill_matches_uninterrupted_losses_and_sees_each_sample_once_per_epoch(
-        reference_run, tiny_model, demo_shards, tmp_path):
-    reference, _ = reference_run
+        request, tiny_model, demo_shards, tmp_path, packed):
+    reference = request.getfixturevalue("packed_reference_run") if packed else \
+        request.getfixturevalue("reference_run")[0]
     run_dir = tmp_path / "run"
-    args = overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT)
+    args = overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT, *(PACKED if packed else ()))
     proc = subprocess.Popen(training_cmd(args), cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_step(run_dir, 13, proc)
@@ -98,6 +121,9 @@ def test_resume_after_sigkill_matches_uninterrupted_losses_and_sees_each_sample_
     assert [r["loss"] for r in log] == [r["loss"] for r in ref_log], "bitwise equal losses after the resume"
     assert [r["grad_norm"] for r in log] == [r["grad_norm"] for r in ref_log]
     assert samples_by_step(run_dir) == samples_by_step(reference)
+    if packed:  # the same windows, and windows they are
+        assert windows_by_step(run_dir) == windows_by_step(reference)
+        assert max(len(w) for rank in windows_by_step(run_dir).values() for ws in rank.values() for w in ws) > 1
     # every training sample exactly once per epoch, over both ranks (epochs complete within 24 steps)
     seen = [s for rank in samples_by_step(run_dir).values() for batches in rank.values() for b in batches
             for s in b]
@@ -240,18 +266,18 @@ def test_a_bad_shard_stops_the_run_when_the_recipe_says_so_without_hanging_a_ran
     assert f"{name} does not match its sha256" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage, packed", [(2, True), (3, False)], ids=["zero2-packed", "zero3"])
 def test_a_run_resumes_on_another_number_of_ranks_with_its_state_and_no_sample_repeated_or_skipped(
-        tiny_model, demo_shards, tmp_path, zero_stage):
-    """2 ranks with 2 loader workers each stop at step 10; the run goes on with 1 rank and 1 worker. The data
-    position does not depend on the ZeRO stage: the run goes on past the change under ZeRO-3 only (CI time).
-    Also the suite's ZeRO-2/ZeRO-3 training on 2 ranks, with a full (gathered) final model."""
+        tiny_model, demo_shards, tmp_path, zero_stage, packed):
+    """2 ranks with 2 loader workers each stop at step 10; the run goes on with 1 rank and 1 worker, re-planning
+    the open epochs (with packing, new windows of the clips not yet seen). Also the suite's ZeRO-2/ZeRO-3 training
+    on 2 ranks, with a full (gathered) final model."""
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "run"
     args = overrides(tiny_model, demo_shards["shards"], run_dir, f"deepspeed.zero_stage={zero_stage}",
                      "optim.schedule=constant", "optim.warmup_steps=4", "checkpoint.every_steps=0",
-                     "logging.sample_ids=true")
+                     "logging.sample_ids=true", *(PACKED if packed else ()))
     run_training([*args, "optim.max_steps=10", "data.num_workers=2"])
     before = load_file(run_dir / "final" / "model.safetensors")
     initial = load_file(tiny_model / "model.safetensors")  # ZeRO-3 weights are gathered whole, and trained
@@ -263,8 +289,6 @@ def test_a_run_resumes_on_another_number_of_ranks_with_its_state_and_no_sample_r
     assert "written by 2 ranks, on 1" in " ".join(proc.stderr.split())  # rich wraps long lines
     after = load_file(run_dir / "final" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    if zero_stage == 2:
-        return
     run_training([*args, "optim.max_steps=22", "data.num_workers=1"], ranks=1, extra=("--resume",))
 
     log = read_log(run_dir)
@@ -274,7 +298,8 @@ def test_a_run_resumes_on_another_number_of_ranks_with_its_state_and_no_sample_r
     seen = [s for rank in samples_by_step(run_dir).values() for batches in rank.values() for b in batches for s in b]
     assert {rank for rank in samples_by_step(run_dir)} == {0, 1}
     n_train = json.loads((demo_shards["shards"] / "index.json").read_text())["splits"]["train"]["samples"]
-    assert len(seen) == 10 * 8 + 12 * 4  # 2 ranks x 4 clips, then 1 rank x 4 clips, per step
+    if not packed:
+        assert len(seen) == 10 * 8 + 12 * 4  # 2 ranks x 4 clips, then 1 rank x 4 clips, per step
     for epoch in range(len(seen) // n_train):  # every epoch the run finished, across the change
         ids = Counter(i for i, e in seen if e == epoch)
         assert len(ids) == n_train and set(ids.values()) == {1}, f"epoch {epoch}"

@@ -38,6 +38,7 @@ class Clip:
     origin: str
     problem: tuple[str, str] | None = None  # (drop reason, detail) when the source cannot supply the clip
     duration: float | None = None  # seconds, when the source states it (lets long clips drop before decoding)
+    speaker: str | None = None  # who speaks (Common Voice's client_id): packing can join one speaker's clips
 
 
 class Source(Protocol):
@@ -60,10 +61,11 @@ def clip_id(path: str) -> str:
     return Path(path).stem if "." in Path(path).name else Path(path).name
 
 
-def read_clip(file: Path, cid: str, text: str, origin: str, duration: float | None = None) -> Clip:
+def read_clip(file: Path, cid: str, text: str, origin: str, duration: float | None = None,
+              speaker: str | None = None) -> Clip:
     """A Clip with the file's bytes, or with the reason it cannot be read."""
     try:
-        return Clip(cid, text, file.read_bytes(), origin, duration=duration)
+        return Clip(cid, text, file.read_bytes(), origin, duration=duration, speaker=speaker or None)
     except FileNotFoundError:
         return Clip(cid, text, None, origin, ("missing_audio", f"{origin}: {file} does not exist"))
     except OSError as e:

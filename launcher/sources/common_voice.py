@@ -24,9 +24,9 @@ CV_SPLIT_FILES = {"train": "train", "validation": "dev", "test": "test"}
 REQUIRED_COLUMNS = ("path", "sentence")
 
 
-def read_tsv(text: str, origin: str) -> Iterator[tuple[int, str, str] | Clip]:
-    """Rows of a Common Voice TSV as (line, path, sentence); a malformed row comes back as a Clip with a
-    problem naming the file and line, so it is counted, not lost."""
+def read_tsv(text: str, origin: str) -> Iterator[tuple[int, str, str, str | None] | Clip]:
+    """Rows of a Common Voice TSV as (line, path, sentence, client_id or None); a malformed row comes back as a Clip
+    with a problem naming the file and line, so it is counted, not lost."""
     reader = csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
     missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
@@ -41,7 +41,7 @@ def read_tsv(text: str, origin: str) -> Iterator[tuple[int, str, str] | Clip]:
                        problem=("bad_tsv_row", f"{origin} line {line}: expected {n_fields} tab-separated fields, "
                                                f"got {got}"))
             continue
-        yield line, row["path"], row["sentence"]
+        yield line, row["path"], row["sentence"], row.get("client_id") or None
 
 
 class CommonVoiceRelease:
@@ -79,10 +79,10 @@ class CommonVoiceRelease:
             if isinstance(row, Clip):
                 yield row
                 continue
-            line, rel, sentence = row
+            line, rel, sentence, speaker = row
             file = self.root / "clips" / rel
             origin = f"clips/{rel} ({tsv.name} line {line})"
-            yield read_clip(file, clip_id(rel), sentence, origin)
+            yield read_clip(file, clip_id(rel), sentence, origin, speaker=speaker)
 
 
 def _hub_error(location: str, e: Exception) -> LauncherError:
@@ -144,19 +144,19 @@ class CommonVoiceHub:
 
     def clips(self, split: str) -> Iterator[Clip]:
         cv_split = CV_SPLIT_FILES[split]
-        wanted: dict[str, tuple[int, str]] = {}
+        wanted: dict[str, tuple[int, str, str | None]] = {}
         for row in self._read_rows(split):
             if isinstance(row, Clip):
                 yield row
                 continue
-            line, rel, sentence = row
+            line, rel, sentence, speaker = row
             name = PurePosixPath(rel).name
             if name in wanted:
                 origin = f"{cv_split}.tsv line {line}"
                 why = f"{origin} repeats {name} (first on line {wanted[name][0]})"
                 yield Clip(clip_id(name), sentence, None, origin, ("duplicate", why))
                 continue
-            wanted[name] = (line, sentence)
+            wanted[name] = (line, sentence, speaker)
         tars = sorted(self.fs.glob(f"{self.root}/audio/{self.lang}/{cv_split}/*.tar"), key=natural_key)
         seen: set[str] = set()
         for tar_path in tars:
@@ -174,12 +174,12 @@ class CommonVoiceHub:
                             yield Clip(clip_id(name), "", None, origin, ("no_transcript", f"{origin}: {why}"))
                             continue
                         seen.add(name)
-                        yield Clip(clip_id(name), wanted[name][1], data, origin)
+                        yield Clip(clip_id(name), wanted[name][1], data, origin, speaker=wanted[name][2])
             except (tarfile.TarError, OSError, EOFError) as e:
                 yield Clip(tar_name, "", None, tar_name,
                            ("unreadable_tar", f"{tar_path}: {type(e).__name__}: {e}; clips after this point in "
                                               "the tar are reported as missing_audio"))
-        for name, (line, sentence) in wanted.items():
+        for name, (line, sentence, _) in wanted.items():
             if name not in seen:
                 yield Clip(clip_id(name), sentence, None, f"{cv_split}.tsv line {line}",
                            ("missing_audio", f"{name} ({cv_split}.tsv line {line}) is in no tar under "

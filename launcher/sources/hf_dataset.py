@@ -100,4 +100,5 @@ class HFDataset:
             elif not isinstance(text, str):
                 yield Clip(cid, "", None, origin, ("empty_text", f"{origin}: text column holds {text!r}"))
             else:
-                yield Clip(cid, text, data, origin)
+                speaker = row.get("client_id") or row.get("speaker_id") or row.get("speaker")
+                yield Clip(cid, text, data, origin, speaker=str(speaker) if speaker is not None else None)

@@ -1,7 +1,7 @@
 """A JSONL manifest: one JSON object a line with `audio` (a path, relative to the manifest's folder or
-absolute) and `text`, and optionally `id`, `split` (train, validation or dev, test; default train) and
-`duration` in seconds. A line that is not such an object is reported with its line number, not skipped
-silently."""
+absolute) and `text`, and optionally `id`, `split` (train, validation or dev, test; default train),
+`duration` in seconds and `speaker` (any id; packing with `same_speaker` joins only one speaker's clips).
+A line that is not such an object is reported with its line number, not skipped silently."""
 
 from __future__ import annotations
 
@@ -73,4 +73,5 @@ class Manifest:
             file = audio_path if audio_path.is_absolute() else self.path.parent / audio_path
             cid = str(entry.get("id") or audio_path.with_suffix("").as_posix())
             origin = f"{name} line {n} ({entry['audio']})"
-            yield read_clip(file, cid, entry["text"], origin, entry.get("duration"))
+            yield read_clip(file, cid, entry["text"], origin, entry.get("duration"),
+                            str(entry["speaker"]) if entry.get("speaker") is not None else None)

@@ -1,0 +1,96 @@
+"""Training labels: the token sequence the decoder learns for one clip or one packed window of clips.
+
+Layouts (the model puts <|startoftranscript|> in front itself when it shifts labels into decoder inputs, as in the
+event's data collator, so labels start after it):
+
+    plain       <|lang|> <|task|> <|notimestamps|> text... <|endoftext|>
+    timestamps  <|lang|> <|task|> <|t0|> text of clip 1 <|t1|> <|t2|> text of clip 2 <|t3|> ... <|endoftext|>
+
+Each clip's text is tokenised with a leading space (Whisper's convention); in the plain layout the clips' tokens
+follow each other, which is the texts joined by spaces. Timestamps are Whisper's tokens <|0.00|> .. <|30.00|>,
+0.02 s apart, the nearest to the clip's start and end in the window. A prompt (the previous window's text, as
+Whisper conditions on earlier text at inference) goes before the start token, `<|startofprev|> text...`, and is
+not learned (its targets are -100): `data.collate` builds the decoder inputs for it.
+
+Nothing is ever truncated: a clip whose labels do not fit the decoder's 448 positions is dropped (and counted), a
+window closes before its labels would not fit, and only the prompt, which is context, keeps its last tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher.errors import LauncherError
+from launcher.text import normalize_target
+
+MAX_LABEL_TOKENS = 448  # Whisper's decoder has 448 positions
+MAX_PROMPT_TOKENS = 223  # Whisper's limit on previous-text context: max_target_positions // 2 - 1
+TIME_PRECISION = 0.02  # seconds between timestamp tokens
+LAST_TIMESTAMP = 1500  # <|30.00|>
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One clip's text tokens and where it lies in its window, in seconds."""
+
+    text_ids: tuple[int, ...]
+    start: float
+    end: float
+
+
+class LabelEncoder:
+    """Text -> label ids in the layouts above. `timestamps`: whether labels may take the timestamp layout (one
+    token longer per clip than plain), so length checks allow for it."""
+
+    def __init__(self, tokenizer, language: str, task: str, normalize: bool, *, timestamps: bool = False,
+                 max_tokens: int = MAX_LABEL_TOKENS):
+        tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
+        self.task_tokens = tokenizer.prefix_tokens[1:3]  # [<|lang|>, <|task|>] after <|startoftranscript|>
+        self.start = tokenizer.prefix_tokens[0]
+        self.no_timestamps = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
+        self.previous = tokenizer.convert_tokens_to_ids("<|startofprev|>")
+        # transformers finds the timestamps right after <|notimestamps|>, the last special token
+        self.timestamp_begin = self.no_timestamps + 1
+        if timestamps and tokenizer.convert_tokens_to_ids("<|0.00|>") != self.timestamp_begin:
+            raise LauncherError("data.timestamp_probability > 0, but the model's tokenizer has no timestamp tokens "
+                                "(<|0.00|> right after <|notimestamps|>, as Whisper's own tokenizers have)")
+        self.eot = tokenizer.eos_token_id
+        self.tokenizer, self.normalize, self.max_tokens = tokenizer, normalize, max_tokens
+        self.timestamps = timestamps
+
+    def text_ids(self, text: str) -> tuple[int, ...]:
+        text = normalize_target(text) if self.normalize else text
+        return tuple(self.tokenizer.encode(" " + text.strip(), add_special_tokens=False))
+
+    def length(self, text_lengths: list[int]) -> int:
+        """Label tokens of a window whose clips have these text lengths, in the longer layout it may take."""
+        if self.timestamps:
+            return len(self.task_tokens) + sum(n + 2 for n in text_lengths) + 1
+        return len(self.task_tokens) + 1 + sum(text_lengths) + 1
+
+    def fits(self, text_lengths: list[int]) -> bool:
+        return self.length(text_lengths) + 1 <= self.max_tokens  # +1: the start token the model prepends
+
+    def __call__(self, text: str) -> list[int] | None:
+        """A lone clip's plain labels, or None when they would not fit the decoder (dropped, never truncated)."""
+        ids = self.text_ids(text)
+        return self.window([Segment(ids, 0.0, 0.0)], timestamps=False) if self.fits([len(ids)]) else None
+
+    def timestamp(self, seconds: float) -> int:
+        return self.timestamp_begin + min(LAST_TIMESTAMP, max(0, round(seconds / TIME_PRECISION)))
+
+    def window(self, segments: list[Segment], *, timestamps: bool) -> list[int]:
+        if not timestamps:
+            return [*self.task_tokens, self.no_timestamps, *(t for s in segments for t in s.text_ids), self.eot]
+        ids = list(self.task_tokens)
+        for s in segments:
+            ids += [self.timestamp(s.start), *s.text_ids, self.timestamp(s.end)]
+        return [*ids, self.eot]
+
+    def prompt(self, previous_text: tuple[int, ...], labels: int) -> list[int]:
+        """`<|startofprev|>` and the end of the previous window's text, as much as fits before `labels` label
+        tokens (and Whisper's 223); empty when nothing fits."""
+        room = min(MAX_PROMPT_TOKENS, self.max_tokens - 1 - labels - 1)  # -1: the start token, -1: startofprev
+        if room <= 0 or not previous_text:
+            return []
+        return [self.previous, *previous_text[-room:]]
