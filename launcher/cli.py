@@ -93,17 +93,23 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.long_form is not None and not args.long_form > 0:
+        raise LauncherError(f"--long-form must be a positive number of seconds, got {args.long_form:g}")
     from launcher.evaluate import run_standalone
 
     report = run_standalone(args.model, Path(args.shards), args.split, batch_size=args.batch_size,
                             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                             max_samples=args.max_samples, language=args.language, task=args.task,
                             out_dir=Path(args.out) if args.out else None, zero_stage=args.zero_stage,
-                            precision=args.precision)
+                            precision=args.precision, long_form=args.long_form)
     if report is not None:
+        unit = "recordings" if args.long_form else "clips"
         print(f"{report['split']}: WER {report['wer']:.2f}%  (orthographic {report['wer_orthographic']:.2f}%, "
-              f"CER {report['cer']:.2f}%) on {report['scored']} of {report['samples']} clips "
+              f"CER {report['cer']:.2f}%) on {report['scored']} of {report['samples']} {unit} "
               f"[{report['samples_per_s']:.1f} clips/s, {report['world_size']} process(es)]")
+        if args.long_form:
+            print(f"timestamps in order in {100 * report['timestamps_monotone']:.0f}% of the recordings, inside "
+                  f"the audio in {100 * report['timestamps_inside']:.0f}%")
     return 0
 
 
@@ -196,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, choices=(0, 2, 3), default=0,
                    help="wrap the model in DeepSpeed ZeRO-2/3 as in training (weights gathered once)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--long-form", type=float, metavar="SECONDS",
+                   help="score recordings of up to SECONDS joined from the split's clips (one speaker's, in order, "
+                        "0.5 s of silence between them), decoded long-form with timestamps; report <split>-long-Ns")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by DeepSpeed's launcher
     p.set_defaults(func=_evaluate)
 

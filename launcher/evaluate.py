@@ -11,6 +11,9 @@ have none), so every sample is decoded exactly once; predictions are gathered to
 the report. Decoding runs on a plain copy of the model (`launcher.model.materialize`: under ZeRO-3 the weights are
 gathered once, chunk by chunk, in the same order on every rank), so no collective runs while a rank decodes and
 ranks that decode different numbers of tokens, or none, never wait on each other.
+
+Long-form evaluation (`launcher.longform`) goes the same way with recordings joined from the split's clips in place
+of the clips.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from launcher.distributed import contiguous_range, init_distributed, shutdown_distributed
 from launcher.errors import LauncherError
 from launcher.features import pad_batch, stack_features
+from launcher.longform import build_recordings, report_fields, split_name, transcribe_recordings
 from launcher.model import DTYPES, DecodeSettings, materialize
 from launcher.shards import BadShard, MelRef, ShardIndex, load_index, read_samples
 
@@ -40,6 +44,7 @@ class EvalItem:
     text: str
     seconds: float
     mel: MelRef
+    speaker: str | None = None  # when the source names one: long-form joins only one speaker's clips
 
 
 def scan_split(index: ShardIndex, split: str, max_samples: int | None = None) -> list[EvalItem]:
@@ -50,7 +55,8 @@ def scan_split(index: ShardIndex, split: str, max_samples: int | None = None) ->
         try:
             for sample in read_samples(shard.path, load_mel=False):
                 meta = json.loads(sample.meta)
-                items.append(EvalItem(meta["id"], meta["text"], meta["seconds"], sample.mel_ref))
+                items.append(EvalItem(meta["id"], meta["text"], meta["seconds"], sample.mel_ref,
+                                      meta.get("speaker")))
                 if max_samples and len(items) >= max_samples:
                     return items
         except (BadShard, ValueError, KeyError, TypeError) as e:  # reported by shard, never half-scored
@@ -135,21 +141,38 @@ def transcribe(model, tokenizer, items: list[EvalItem], settings: DecodeSettings
     return out
 
 
+def units(items: list[EvalItem], long_form: float | None = None) -> list:
+    """What evaluation decodes one at a time: the clips, or (long-form, `long_form` seconds) recordings joined from
+    them."""
+    return build_recordings(items, long_form) if long_form else items
+
+
+def clips_on_rank(items: list[EvalItem], world: int, rank: int, long_form: float | None = None) -> int:
+    """The clips this rank decodes: the total of its progress bar."""
+    todo = units(items, long_form)
+    lo, hi = contiguous_range(len(todo), world, rank)
+    return sum(len(r.clips) for r in todo[lo:hi]) if long_form else hi - lo
+
+
 def evaluate(model, tokenizer, items: list[EvalItem], settings: DecodeSettings, *, split: str, device, dtype,
              out_dir: Path | None = None, step: int | None = None, model_name: str = "",
-             recipe_text: str | None = None, progress: Progress | None = None) -> dict | None:
+             recipe_text: str | None = None, progress: Progress | None = None,
+             long_form: float | None = None) -> dict | None:
     """Decode this rank's slice of `items` on a plain copy of `model`, gather to rank 0 and score there. Collective
     when a process group is up: every rank must call it. Returns the report on rank 0 (None elsewhere) and writes
-    it under `out_dir`."""
+    it under `out_dir`. With `long_form` (seconds) the clips are first joined into recordings of at most that
+    length, and the report is named for it (test-long-30s)."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     started = time.perf_counter()
-    lo, hi = contiguous_range(len(items), world, rank)
+    todo = units(items, long_form)
+    decode = transcribe_recordings if long_form else transcribe
+    lo, hi = contiguous_range(len(todo), world, rank)
     plain = materialize(model, device, dtype)  # collective under ZeRO-3
     try:
-        mine = transcribe(plain, tokenizer, items[lo:hi], settings, device, dtype, progress)
+        mine = decode(plain, tokenizer, todo[lo:hi], settings, device, dtype, progress)
     finally:
         del plain
         if torch.cuda.is_available():
@@ -162,18 +185,22 @@ def evaluate(model, tokenizer, items: list[EvalItem], settings: DecodeSettings, 
     if rank != 0:
         return None
     predictions = [p for part in gathered for p in part]
-    order = {it.id: i for i, it in enumerate(items)}
+    order = {u.id: i for i, u in enumerate(todo)}
     predictions.sort(key=lambda p: order[p["id"]])
-    if len(predictions) != len(items) or len({p["id"] for p in predictions}) != len(items):
-        raise LauncherError(f"evaluation gathered {len(predictions)} predictions for {len(items)} samples")
+    if len(predictions) != len(todo) or len({p["id"] for p in predictions}) != len(todo):
+        raise LauncherError(f"evaluation gathered {len(predictions)} predictions for {len(todo)} "
+                            + ("recordings" if long_form else "samples"))
     scores, rows = score(predictions, normalizer_for(settings.language, tokenizer))
     seconds = time.perf_counter() - started
-    report = {"split": split, "step": step, **scores, "model": model_name, "world_size": world,
+    name = split_name(split, long_form) if long_form else split
+    report = {"split": name, "step": step, **scores, "model": model_name, "world_size": world,
               "decode": {"language": settings.language, "task": settings.task, "num_beams": settings.num_beams,
                          "max_new_tokens": settings.max_new_tokens, "batch_size_per_rank": settings.batch_size},
               "recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest() if recipe_text else None,
               "seconds": seconds, "samples_per_s": len(items) / seconds if seconds else 0.0,
               "audio_seconds": sum(it.seconds for it in items)}
+    if long_form:
+        report.update(report_fields(long_form, rows))
     if out_dir is not None:
         write_report(Path(out_dir), report, rows)
     return report
@@ -205,9 +232,11 @@ def default_report_dir(model_name: str, cwd: Path | None = None) -> Path:
 
 def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size: int, num_beams: int,
                    max_new_tokens: int, max_samples: int | None, language: str | None, task: str,
-                   out_dir: Path | None, zero_stage: int, precision: str) -> dict | None:
+                   out_dir: Path | None, zero_stage: int, precision: str,
+                   long_form: float | None = None) -> dict | None:
     """Load a Hugging Face model (folder or hub id) and evaluate it on one split, on one process or on every
-    rank of a `deepspeed`/`torchrun` launch (optionally wrapped in ZeRO-2/3, as during training)."""
+    rank of a `deepspeed`/`torchrun` launch (optionally wrapped in ZeRO-2/3, as during training); with `long_form`
+    on recordings of up to that many seconds joined from the split's clips."""
     import os
 
     import torch.distributed as dist
@@ -250,11 +279,12 @@ def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size:
     settings = DecodeSettings(language=language, task=task, batch_size=batch_size, num_beams=num_beams,
                               max_new_tokens=max_new_tokens)
     items = scan_split(index, split, max_samples)
-    mine = len(range(*contiguous_range(len(items), world, rank)))
-    with progress_bar(f"{split}" + (f" (rank 0 of {world})" if world > 1 else ""), mine, "clips",
+    mine = clips_on_rank(items, world, rank, long_form)
+    name = split_name(split, long_form) if long_form else split
+    with progress_bar(name + (f" (rank 0 of {world})" if world > 1 else ""), mine, "clips",
                       enabled=rank == 0) as advance:
         report = evaluate(model, processor.tokenizer, items, settings, split=split, device=device, dtype=dtype,
                           out_dir=out_dir or default_report_dir(model_name), model_name=model_name,
-                          progress=advance)
+                          progress=advance, long_form=long_form)
     shutdown_distributed()
     return report
