@@ -43,7 +43,7 @@ class LabelEncoder:
     token longer per clip than plain), so length checks allow for it."""
 
     def __init__(self, tokenizer, language: str, task: str, normalize: bool, *, timestamps: bool = False,
-                 max_tokens: int = MAX_LABEL_TOKENS):
+                 vocab_size: int | None = None, max_tokens: int = MAX_LABEL_TOKENS):
         tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
         self.task_tokens = tokenizer.prefix_tokens[1:3]  # [<|lang|>, <|task|>] after <|startoftranscript|>
         self.start = tokenizer.prefix_tokens[0]
@@ -51,9 +51,12 @@ class LabelEncoder:
         self.previous = tokenizer.convert_tokens_to_ids("<|startofprev|>")
         # transformers finds the timestamps right after <|notimestamps|>, the last special token
         self.timestamp_begin = self.no_timestamps + 1
-        if timestamps and tokenizer.convert_tokens_to_ids("<|0.00|>") != self.timestamp_begin:
-            raise LauncherError("data.timestamp_probability > 0, but the model's tokenizer has no timestamp tokens "
-                                "(<|0.00|> right after <|notimestamps|>, as Whisper's own tokenizers have)")
+        # Whisper's ids after <|notimestamps|> are the 1501 timestamps, whether or not the tokenizer names them
+        named = tokenizer.convert_tokens_to_ids("<|0.00|>")
+        if timestamps and ((vocab_size is not None and vocab_size < self.timestamp_begin + LAST_TIMESTAMP + 1)
+                           or named not in (self.timestamp_begin, tokenizer.unk_token_id, None)):
+            raise LauncherError("data.timestamp_probability > 0, but the model has no timestamp tokens (Whisper's "
+                                "1501 ids right after <|notimestamps|>)")
         self.eot = tokenizer.eos_token_id
         self.tokenizer, self.normalize, self.max_tokens = tokenizer, normalize, max_tokens
         self.timestamps = timestamps

@@ -308,7 +308,8 @@ def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bo
             _truncate_jsonl(samples_log, loop.step)
     data = recipe.data
     labels = LabelEncoder(processor.tokenizer, recipe.model.language, recipe.model.task,
-                          normalize=data.target_text == "normalized", timestamps=data.timestamp_probability > 0)
+                          normalize=data.target_text == "normalized", timestamps=data.timestamp_probability > 0,
+                          vocab_size=model_config.get("vocab_size"))
     pack = PackSettings.from_seconds(data.pack.max_seconds, data.pack.gap_seconds, data.pack.same_speaker) \
         if data.pack.enabled else None
     stream = ShardStream(shards, labels, rank=rank, world_size=world, seed=recipe.seed, shuffle=data.shuffle,

@@ -22,6 +22,7 @@ from launcher.data import (
     train_loader,
     train_shards,
 )
+from launcher.errors import LauncherError
 from launcher.features import HOP_LENGTH, join_features, log_mel_spectrogram
 from launcher.labels import LabelEncoder, Segment
 from launcher.packing import ClipRef, Packer, PackSettings
@@ -202,3 +203,10 @@ def test_a_packed_run_resumed_on_other_ranks_repeats_and_skips_no_clip(demo_shar
         seen += [(x["epoch"], i) for i in x["ids"]]
     for epoch in (0, 1):
         assert Counter(i for e, i in seen if e == epoch) == Counter(meta.keys()), f"epoch {epoch}"
+
+
+def test_timestamped_labels_need_a_model_with_timestamp_ids(tokenizer):
+    begin = tokenizer.convert_tokens_to_ids("<|notimestamps|>") + 1
+    LabelEncoder(tokenizer, "fr", "transcribe", normalize=False, timestamps=True, vocab_size=begin + 1501)
+    with pytest.raises(LauncherError, match="no timestamp tokens"):
+        LabelEncoder(tokenizer, "fr", "transcribe", normalize=False, timestamps=True, vocab_size=begin + 10)
