@@ -429,12 +429,12 @@ def memory_estimate(recipe: Recipe, config_dict: dict, world_size: int, *, on_gp
     longest label, so `label_tokens` is the longest batch a run meets: 224 (half the decoder's 448 positions) by
     default, above Common Voice's sentences.
 
-    Measured (bench/memory.py, whisper-base, batch 8, fp32, ZeRO-2, one CPU rank, 32-token labels): the live
-    bytes (malloc in use) peak within ~5% of this sum; the rank's peak RSS is higher by what glibc keeps of the
-    freed activations (its heap is not given back), ~1 GiB here, which is not modelled. Against peak RSS the
-    estimate is within -15%..+5% (bench/results/memory.json: full fine-tuning 5.97 GiB measured, frozen encoder,
-    gradient checkpointing, the tiny model). Not measured: anything on a GPU (bf16, fp16, ZeRO-3 and offload
-    follow from DeepSpeed's code, not from a run).
+    Measured (bench/memory.py, bench/results/memory.json: batch 8, fp32, ZeRO-2, one CPU rank, 32-token labels):
+    the live bytes (malloc in use) peak within ~2% of this sum for whisper-base (4.62 GiB measured, full
+    fine-tuning); the rank's peak RSS is higher by what glibc keeps of the freed activations (its heap is not given
+    back, 1.4 GiB there), which is not modelled: against peak RSS the estimate is 16-21% low (whisper-base 5.06 GiB
+    for 6.13 measured, encoder frozen 2.20 for 2.78, the tiny model 0.60 for 0.71). Not measured: anything on a GPU
+    (bf16, fp16, ZeRO-3 and offload follow from DeepSpeed's code, not from a run).
     """
     from transformers import WhisperConfig
 
