@@ -188,9 +188,10 @@ def project_batches(recipe, config, args, n_batches: int, pin: bool) -> list[dic
         samples = []
         for i in range(recipe.data.batch_size_per_gpu):
             mel = log_mel_spectrogram(synthetic_audio(args.clip_seconds, rng), config.num_mel_bins)
-            samples.append({"id": f"synthetic-{b}-{i}", "features": torch.from_numpy(mel.astype(np.float16)),
-                            "labels": random_labels(args.label_len, rng), "epoch": 0, "position": i, "worker": 0,
-                            "dropped_long": 0, "bad_data": 0})
+            samples.append({"ids": [f"synthetic-{b}-{i}"], "features": torch.from_numpy(mel.astype(np.float16)),
+                            "labels": random_labels(args.label_len, rng), "prompt": [], "epoch": 0,
+                            "positions": [(0, i)], "seconds": args.clip_seconds, "worker": 0, "dropped_long": 0,
+                            "bad_data": 0})
         batch = collate(samples)
         if pin:  # as train_loader(pin_memory=True) delivers them
             batch.update({k: batch[k].pin_memory() for k in ("features", "frames", "pads", "labels")})
