@@ -21,6 +21,7 @@ from launcher.distributed import init_distributed, shutdown_distributed
 
 def main(out: str) -> None:
     init_distributed(False)
+    dist.barrier()  # every rank has unlinked its own name by now (each does right after its start)
     mine = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ['MASTER_PORT']}_*"
     state = {"shm_op": getattr(ds_comm.cdb, "shm_comm_op", None) is not None,
              "files": sorted(p.name for p in Path("/dev/shm").glob(mine))}
