@@ -118,6 +118,8 @@ def test_periodic_eval_under_zero3_keeps_the_best_by_wer_and_cards_the_final_mod
                for step in (8, 16, 24)}
     assert all(r["samples"] == 8 and r["world_size"] == 2 for r in reports.values())
     best_step = min(reports, key=lambda s: (reports[s]["wer"], -s))
+    # the premise of the last assertion: delivering an earlier checkpoint than the last weights
+    assert best_step != 24, f"the best step must come before the last for this test: {reports}"
     kept = {p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()}
     assert kept == {"step-24", f"step-{best_step}"}, "the last checkpoint plus the best by WER"
     loop = json.loads((run_dir / "checkpoints" / "step-24" / "loop.json").read_text())
