@@ -16,6 +16,7 @@ hardware (issue 11).
 
     python bench/packing.py                   # ~1 h on 2 CPU cores
     python bench/packing.py --budget 300      # shorter training budget per arm (seconds)
+    python bench/packing.py --score-only      # score the runs an earlier invocation trained (kept in bench/.cache)
 
 Writes bench/results/packing.json and prints a table.
 """
@@ -106,6 +107,7 @@ def evaluate(model: Path, shards: Path, out: Path, long_form: float | None) -> d
            "--split", "test", "--batch-size", "16", "--out", str(out)]
     if long_form:
         cmd += ["--long-form", str(long_form)]
+    shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -168,6 +170,8 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=1600)
     ap.add_argument("--long-form", type=float, default=30.0)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--score-only", action="store_true",
+                    help="keep the features and training figures of --out and score the runs kept in the cache")
     args = ap.parse_args()
     import deepspeed
     import torch
@@ -183,10 +187,29 @@ def main() -> None:
                           "transformers": transformers.__version__, "python": platform.python_version()},
               "corpus": {s: {"clips": v["samples"], "seconds": v["seconds"]} for s, v in index["splits"].items()},
               "recipe": str(RECIPE.relative_to(REPO)), "overrides": COMMON, "arms": ARMS}
+    work = CACHE / "packing-runs"  # kept: a failure after training loses nothing
+    if args.score_only:
+        earlier = json.loads(args.out.read_text())
+        result.update({k: earlier[k] for k in ("date", "budget_s_per_arm", "feature_join", "training",
+                                                "throughput_ratio_audio_s", "probe_throughput",
+                                                "throughput_ratio_audio_s_probes") if k in earlier})
+        result["scored"] = time.strftime("%Y-%m-%d %H:%M")
+    else:
+        train_both(args, model, corpus, shards, work, result)
+    score(args, model, shards, work, result)
+    result["seconds"] = time.perf_counter() - started
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"throughput_ratio_audio_s": result["throughput_ratio_audio_s"],
+                      **{k: (v["short_form"]["wer"], v["long_form"].get("wer")) for k, v in result["scores"].items()}},
+                     indent=1))
+    print(f"saved {args.out} ({result['seconds']:.0f} s)")
+
+
+def train_both(args, model: Path, corpus: Path, shards: Path, work: Path, result: dict) -> None:
+    """The feature measurement, then each arm: a 4-step probe, and the steps the probe says fit the budget."""
     print("features: joined stored vs joined audio ...", flush=True)
     result["feature_join"] = feature_join_difference(shards, corpus)
     print(f"  {result['feature_join']}", flush=True)
-    work = CACHE / "packing-runs"  # kept: a failure after training loses nothing
     shutil.rmtree(work, ignore_errors=True)
     runs = {}
     for arm in ARMS:
@@ -202,6 +225,10 @@ def main() -> None:
     result.update(throughput_ratios(work, runs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def score(args, model: Path, shards: Path, work: Path, result: dict) -> None:
+    """Short-form and long-form test WER, with timestamp sanity, of zero-shot, unpacked and packed."""
     models = {"zero-shot": model, "unpacked": work / "unpacked" / "final", "packed": work / "packed" / "final"}
     scores = {}
     for name, folder in models.items():
@@ -214,13 +241,6 @@ def main() -> None:
         print(f"{name}: short WER {short.get('wer')}, long WER {long.get('wer')}", flush=True)
         result["scores"] = scores
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-    result["seconds"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"throughput_ratio_audio_s": result["throughput_ratio_audio_s"],
-                      **{k: (v["short_form"]["wer"], v["long_form"].get("wer")) for k, v in scores.items()}},
-                     indent=1))
-    print(f"saved {args.out} ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

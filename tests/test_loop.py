@@ -21,6 +21,7 @@ def probe(tiny_model, shards, tmp_path, steps: int) -> dict:
     out = tmp_path / f"probe-{steps}.json"
     sets = [f"model.name_or_path={tiny_model}", f"data.shards={shards}", f"output_dir={tmp_path / f'run-{steps}'}",
             f"optim.max_steps={steps}", "optim.warmup_steps=1", "optim.grad_accum=2", "data.num_workers=1",
+            "data.batch_size_per_gpu=1",  # counts, not compute: the smallest batch
             f"logging.every_steps={steps}", f"eval.every_steps={steps}", "eval.max_samples=2",
             "eval.max_new_tokens=4", "eval.test_at_end=false", "checkpoint.every_steps=0", "checkpoint.keep_best=1"]
     proc = subprocess.run([sys.executable, "tests/loop_probe.py", str(out), "--", "--recipe", "recipes/tiny_demo.yaml",
