@@ -17,6 +17,7 @@ hardware (issue 11).
     python bench/packing.py                   # ~1 h on 2 CPU cores
     python bench/packing.py --budget 300      # shorter training budget per arm (seconds)
     python bench/packing.py --score-only      # score the runs an earlier invocation trained (kept in bench/.cache)
+    python bench/packing.py --score-only --keep-short   # ... re-using the short-form reports already there
 
 Writes bench/results/packing.json and prints a table.
 """
@@ -172,6 +173,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--score-only", action="store_true",
                     help="keep the features and training figures of --out and score the runs kept in the cache")
+    ap.add_argument("--keep-short", action="store_true", help="with --score-only: re-use the short-form reports in "
+                    "the cache (rescore long-form only)")
     args = ap.parse_args()
     import deepspeed
     import torch
@@ -232,7 +235,12 @@ def score(args, model: Path, shards: Path, work: Path, result: dict) -> None:
     models = {"zero-shot": model, "unpacked": work / "unpacked" / "final", "packed": work / "packed" / "final"}
     scores = {}
     for name, folder in models.items():
-        short = evaluate(folder, shards, work / f"eval-{name}", None)
+        kept = work / f"eval-{name}" / "test.json"
+        if args.keep_short and kept.is_file():
+            short = json.loads(kept.read_text())
+            short["eval_seconds"] = short["seconds"]
+        else:
+            short = evaluate(folder, shards, work / f"eval-{name}", None)
         long = evaluate(folder, shards, work / f"eval-{name}-long", args.long_form)
         scores[name] = {"short_form": {k: short.get(k) for k in ("wer", "wer_orthographic", "cer", "samples",
                                                                    "eval_seconds")},

@@ -84,11 +84,17 @@ def normalizer_for(language: str, tokenizer=None):
 
 
 def score(predictions: list[dict], normalize) -> tuple[dict, list[dict]]:
-    """Corpus-level WER/CER in percent; each prediction gains its normalised texts and error counts."""
+    """Corpus-level WER/CER in percent; each prediction gains its normalised texts and error counts. A prediction
+    of a joined recording lists its parts (`references`: the clips' texts, `predictions`: the decoded segments'),
+    normalised one by one so that brackets, whose content the normaliser drops, cannot reach over a join."""
+
+    def normalized(p: dict, key: str) -> str:
+        return " ".join(" ".join(normalize(t).split()) for t in p.get(key + "s", [p[key]])).strip()
+
     totals = {"errors": 0, "words": 0, "ortho_errors": 0, "ortho_words": 0, "char_errors": 0, "chars": 0}
     scored, dropped = [], 0
     for p in predictions:
-        ref_n, hyp_n = normalize(p["reference"]).strip(), normalize(p["prediction"]).strip()
+        ref_n, hyp_n = normalized(p, "reference"), normalized(p, "prediction")
         row = {**p, "reference_normalized": ref_n, "prediction_normalized": hyp_n}
         if not ref_n.split():
             dropped += 1
