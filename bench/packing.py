@@ -195,7 +195,7 @@ def main() -> None:
         earlier = json.loads(args.out.read_text())
         result.update({k: earlier[k] for k in ("date", "budget_s_per_arm", "feature_join", "training",
                                                 "throughput_ratio_audio_s", "probe_throughput",
-                                                "throughput_ratio_audio_s_probes") if k in earlier})
+                                                "throughput_ratio_audio_s_probes", "notes") if k in earlier})
         result["scored"] = time.strftime("%Y-%m-%d %H:%M")
     else:
         train_both(args, model, corpus, shards, work, result)
@@ -230,6 +230,19 @@ def train_both(args, model: Path, corpus: Path, shards: Path, work: Path, result
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def runaways(predictions: Path) -> dict:
+    """Greedy decoding without a repetition guard (as the event scored) sometimes loops until the token limit on a
+    clip; a handful of such clips can decide a 200-clip WER. Count them (over twice the reference's words plus 3)
+    and give the WER of the other clips, so a comparison can tell the two apart."""
+    rows = [json.loads(x) for x in predictions.read_text().splitlines()]
+    rows = [r for r in rows if r.get("scored")]
+    loops = [r for r in rows if len(r["prediction_normalized"].split()) > 2 * r["words"] + 3]
+    rest_words = sum(r["words"] for r in rows) - sum(r["words"] for r in loops)
+    rest_errors = sum(r["errors"] for r in rows) - sum(r["errors"] for r in loops)
+    return {"runaway_clips": len(loops), "runaway_errors": sum(r["errors"] for r in loops),
+            "wer_without_runaways": 100 * rest_errors / rest_words if rest_words else None}
+
+
 def score(args, model: Path, shards: Path, work: Path, result: dict) -> None:
     """Short-form and long-form test WER, with timestamp sanity, of zero-shot, unpacked and packed."""
     models = {"zero-shot": model, "unpacked": work / "unpacked" / "final", "packed": work / "packed" / "final"}
@@ -242,8 +255,9 @@ def score(args, model: Path, shards: Path, work: Path, result: dict) -> None:
         else:
             short = evaluate(folder, shards, work / f"eval-{name}", None)
         long = evaluate(folder, shards, work / f"eval-{name}-long", args.long_form)
-        scores[name] = {"short_form": {k: short.get(k) for k in ("wer", "wer_orthographic", "cer", "samples",
-                                                                   "eval_seconds")},
+        scores[name] = {"short_form": {**{k: short.get(k) for k in ("wer", "wer_orthographic", "cer", "samples",
+                                                                      "eval_seconds")},
+                                       **runaways(work / f"eval-{name}" / "test.predictions.jsonl")},
                         "long_form": {k: v for k, v in long.items() if not isinstance(v, list | dict) or
                                       k.startswith("timestamp")}}
         print(f"{name}: short WER {short.get('wer')}, long WER {long.get('wer')}", flush=True)
