@@ -191,6 +191,27 @@ def load_checkpoint(engine, point: ResumePoint, tag: str) -> list[dict]:
     return [torch.load(point.folder / point.tag / f"rank-{r}.pt", weights_only=True) for r in range(point.world_size)]
 
 
+def load_weights(engine, folder: Path, tag: str) -> None:
+    """Collective: the weights of checkpoint `tag` into the engine, whatever number of ranks wrote it; no optimizer
+    or scheduler state (for the end of a run). Under ZeRO-3, DeepSpeed 0.19's `load_checkpoint` without optimizer
+    states takes the weights from the folder's `latest`, whatever `tag` says, so they are read here from `tag`'s
+    partitions (zero_to_fp32, as DeepSpeed does) and loaded through the engine's gathered parameters."""
+    if engine.zero_optimization_partition_weights():
+        import contextlib
+        import io
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a few lines per rank
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        engine.load_module_state_dict({"module": state}, strict=True, fetch_z3_params=True)
+        return
+    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=False,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise LauncherError(f"could not load the weights of {folder / tag}")
+
+
 def export_hf(engine, out: Path, processor, settings) -> Path:
     """Collective: write a Hugging Face folder on rank 0, from a plain copy of the weights (gathered from every rank
     under ZeRO-3), with `settings` (launcher.model.DecodeSettings) as its generation config, so that a pipeline

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.checkpoint import LoopState, export_hf, tag
+from launcher.checkpoint import LoopState, export_hf, load_weights, tag
 from launcher.evaluate import EvalItem, clips_on_rank, evaluate, scan_split
 from launcher.model import DecodeSettings
 from launcher.recipe import Recipe, recipe_yaml
@@ -90,11 +90,7 @@ class PeriodicEval:
         if loop.best:
             wer, step = loop.best[0]
             self.watchdog.beat()
-            # With optimizer states: under ZeRO-3, DeepSpeed 0.19 loads a checkpoint without them through
-            # zero_to_fp32 on the folder's `latest`, ignoring `tag` (the last weights were delivered as the best),
-            # and gathers the whole fp32 model on every rank. With them, each rank reads its own partition of `tag`.
-            self.engine.load_checkpoint(str(self.run_dir / "checkpoints"), tag=tag(step), load_optimizer_states=True,
-                                        load_lr_scheduler_states=False)
+            load_weights(self.engine, self.run_dir / "checkpoints", tag(step))
             selected = f"{tag(step)}, best {self.recipe.eval.splits[0]} WER {wer:.2f}%"
         final = self.run_dir / "final"
         self.watchdog.beat()

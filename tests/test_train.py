@@ -139,6 +139,27 @@ def test_periodic_eval_under_zero3_keeps_the_best_by_wer_and_cards_the_final_mod
     assert all(torch.equal(final[k], best[k]) for k in final)
 
 
+def test_the_best_checkpoint_of_two_zero3_ranks_is_delivered_by_one(zero2_run, demo_shards, tmp_path):
+    """A ZeRO-3 run evaluated every 4 steps stops at 8 on 2 ranks and ends at 12 on 1: the delivered model is the
+    best checkpoint's weights, read from partitions another number of ranks wrote (DeepSpeed's own load without
+    optimizer states reads the folder's latest checkpoint, whatever the tag). It starts from a model that has learnt
+    the validation clips and trains on others at a high learning rate, so its validation WER gets worse."""
+    run_dir = tmp_path / "run"
+    args = overrides(zero2_run / "final", demo_shards["shards"], run_dir, "deepspeed.zero_stage=3",
+                     "eval.every_steps=4", "eval.splits=[validation]", "eval.test_at_end=false",
+                     "eval.max_new_tokens=20", "checkpoint.every_steps=0", "checkpoint.keep_last=1",
+                     "checkpoint.keep_best=1", "logging.every_steps=4", "optim.warmup_steps=1")
+    run_training([*args, "optim.max_steps=8"])
+    run_training([*args, "optim.max_steps=12"], ranks=1, extra=("--resume",))
+    reports = {step: json.loads((run_dir / "eval" / f"validation-step-{step}.json").read_text())
+               for step in (4, 8, 12)}
+    best_step = min(reports, key=lambda s: (reports[s]["wer"], -s))
+    assert best_step != 12, f"the best step must be one the 2 ranks wrote for this test: {reports}"
+    final = WhisperForConditionalGeneration.from_pretrained(run_dir / "final").state_dict()
+    best = WhisperForConditionalGeneration.from_pretrained(run_dir / "best").state_dict()
+    assert all(torch.equal(final[k], best[k]) for k in final)
+
+
 def test_periodic_evaluation_under_zero3_with_a_rank_holding_no_clip_matches_one_process(zero2_run, demo_shards,
                                                                                          tmp_path):
     """Training's own evaluation under ZeRO-3, 2 ranks, 1 clip: rank 0 decodes it, rank 1 has nothing to decode. It
