@@ -379,7 +379,7 @@ def run_breakdown(args) -> dict:
         torch.cuda.set_device(0)
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     recipe = load_recipe(RECIPE, args.overrides)
-    index, model_config = check_against_data_and_model(recipe)
+    [data_set], model_config = check_against_data_and_model(recipe)  # one shard set
     marks["process_group"] = rss(me)
     torch.manual_seed(recipe.seed)
     gpu_marks = {}
@@ -400,10 +400,10 @@ def run_breakdown(args) -> dict:
     del model, trainable
     marks["engine"] = rss(me)
     gpu_mark("engine")
-    labels = LabelEncoder(processor.tokenizer, recipe.model.language, recipe.model.task,
+    labels = LabelEncoder(processor.tokenizer, data_set.language, recipe.model.task,
                           normalize=recipe.data.target_text == "normalized")
-    stream = ShardStream(train_shards(index, recipe.data.train_split), labels, rank=0, world_size=1, seed=recipe.seed,
-                         shuffle=recipe.data.shuffle, shuffle_buffer=recipe.data.shuffle_buffer,
+    stream = ShardStream(train_shards(data_set.index, recipe.data.train_split), labels, rank=0, world_size=1,
+                         seed=recipe.seed, shuffle=recipe.data.shuffle, shuffle_buffer=recipe.data.shuffle_buffer,
                          batch_size=recipe.data.batch_size_per_gpu, verify=recipe.data.verify_shards,
                          on_bad_data=recipe.data.on_bad_data)
     batches = iter(train_loader(stream, recipe.data.num_workers, pin_memory=gpu))

@@ -60,7 +60,7 @@ def _validate(args: argparse.Namespace) -> int:
     )
 
     recipe = load_recipe(Path(args.recipe), args.overrides)
-    index, config = check_against_data_and_model(recipe)
+    sets, config = check_against_data_and_model(recipe)
     console = Console()
     world, on_gpu = args.world_size, gpu_here()
     console.rule(f"[bold]{args.recipe}[/] (resolved)")
@@ -69,10 +69,20 @@ def _validate(args: argparse.Namespace) -> int:
     console.print_json(json.dumps(deepspeed_config(recipe, world, on_gpu=on_gpu, nodes=args.nodes,
                                                    d_model=config.get("d_model"))))
     global_batch = recipe.data.batch_size_per_gpu * recipe.optim.grad_accum * world
-    samples = index.samples(recipe.data.train_split)
+    split = recipe.data.train_split
+    sizes = [s.index.samples(split) for s in sets]
+    samples = sum(sizes)
+    if len(sets) > 1:
+        from launcher.mixing import quotas, shares
+
+        mix = quotas(shares(sizes, [s.weight for s in sets], recipe.data.mix_temperature), samples)
+        console.rule("mix")
+        console.print(f"each epoch of {samples:,} clips holds " + ", ".join(
+            f"{s.language} {q:,} ({100 * q / samples:.1f}%, {q / n:.2f} of its {n:,} clips)"
+            for s, q, n in zip(sets, mix, sizes, strict=True)))
     pack = recipe.data.pack
     if pack.enabled and samples:  # a sample is a window: about this many clips (a window closes before the next)
-        clip_s = index.data["splits"][recipe.data.train_split]["seconds"] / samples
+        clip_s = sum(s.index.data["splits"][split]["seconds"] for s in sets) / samples
         per_window = max(1.0, (pack.max_seconds - clip_s / 2) / (clip_s + pack.gap_seconds))
         console.print(f"packing: clips average {clip_s:.1f} s, so about {per_window:.1f} clips per "
                       f"{pack.max_seconds:g} s window (fewer with same_speaker); counts below are in windows")
@@ -106,12 +116,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise LauncherError(f"--long-form must be a positive number of seconds, got {args.long_form:g}")
     from launcher.evaluate import run_standalone
 
-    report = run_standalone(args.model, Path(args.shards), args.split, batch_size=args.batch_size,
-                            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                            max_samples=args.max_samples, language=args.language, task=args.task,
-                            out_dir=Path(args.out) if args.out else None, zero_stage=args.zero_stage,
-                            precision=args.precision, long_form=args.long_form)
-    if report is not None:
+    reports = run_standalone(args.model, [Path(p) for p in args.shards], args.split, batch_size=args.batch_size,
+                             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                             max_samples=args.max_samples, language=args.language, task=args.task,
+                             out_dir=Path(args.out) if args.out else None, zero_stage=args.zero_stage,
+                             precision=args.precision, long_form=args.long_form)
+    for report in (reports or {}).values():
         unit = "recordings" if args.long_form else "clips"
         print(f"{report['split']}: WER {report['wer']:.2f}%  (orthographic {report['wer_orthographic']:.2f}%, "
               f"CER {report['cer']:.2f}%) on {report['scored']} of {report['samples']} {unit} "
@@ -119,6 +129,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.long_form:
             print(f"timestamps in order in {100 * report['timestamps_monotone']:.0f}% of the recordings, inside "
                   f"the audio in {100 * report['timestamps_inside']:.0f}%")
+    if reports and len(reports) > 1:
+        from launcher.evaluate import mean_wer
+
+        print(f"mean WER {mean_wer(reports):.2f}% over {', '.join(reports)} (each language counting once)")
     return 0
 
 
@@ -198,13 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "references that normalise to nothing dropped. Runs on one process, or on every "
                                    "rank under `deepspeed --module launcher evaluate ...` / `torchrun -m`.")
     p.add_argument("--model", required=True, help="Hugging Face folder (e.g. runs/large_fr/best) or hub id")
-    p.add_argument("--shards", required=True, help="folder holding index.json")
+    p.add_argument("--shards", required=True, nargs="+",
+                   help="folder holding index.json; several (one per language) score each with its own language")
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=int, default=32, help="clips decoded at once per process (default: 32)")
     p.add_argument("--num-beams", type=int, default=1, help="1: greedy, the event's rule")
     p.add_argument("--max-new-tokens", type=int, default=225)
     p.add_argument("--max-samples", type=int, help="only the first N clips of the split")
-    p.add_argument("--language", help="default: the shards' language from index.json")
+    p.add_argument("--language", help="default: the shards' language from index.json (one folder only)")
     p.add_argument("--task", choices=("transcribe", "translate"), default="transcribe",
                    help="the task token forced after the language (default: transcribe)")
     p.add_argument("--out", help="report folder (default: eval/<model>/ in the current directory)")

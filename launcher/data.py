@@ -2,18 +2,23 @@
 
 The plan, per epoch e (all of it follows from the seed, so every rank computes it alone, without talking):
 
-1. the split's shards are put in a seeded order for epoch e; their samples, in that order, form the
-   epoch's global sequence of N samples (the counts come from index.json, nothing is read to plan);
+1. the epoch's sequence: the training samples of the run's shard sets in their shares (`launcher.mixing.Mix`:
+   with one set, its shards in a seeded order for epoch e, their samples in that order; with several, each set's
+   share of its own passes, interleaved evenly), N samples in all (the counts come from index.json, nothing is read
+   to plan);
 2. the sequence is cut into one contiguous range per rank (sizes differ by at most one) and each rank's
-   range into one contiguous range per loader worker, so a worker reads only the shards its range covers;
+   range into one contiguous range per loader worker, so a worker reads only the shards its range covers (with
+   several sets, a run of each set's shards, read side by side);
 3. a worker reads its range in blocks of `shuffle_buffer` samples and takes each block in a seeded order;
 4. its clips, in that order, become training samples: one each, or with `data.pack` windows of several
-   (launcher/packing.py), which never span two epochs. A sample's labels (launcher/labels.py) take the timestamp
-   layout and a prompt by seeded draws that depend on the sample's first clip only.
+   (launcher/packing.py), which never span two epochs nor two languages. A sample's labels (launcher/labels.py)
+   start with its own set's language token and take the timestamp layout and a prompt by seeded draws that depend
+   on the sample's first clip only.
 
 Each worker's stream runs on into the next epoch, so no rank ever runs dry: a run lasts `max_steps` optimizer
 steps on every rank (never "until the data ends", which hangs DeepSpeed when ranks hold unequal data), and
-within each epoch every clip is seen exactly once.
+within each epoch every clip is seen exactly once (with several sets: every clip of a set once per pass over
+that set).
 
 Resuming on the same number of ranks and workers replays the plan and skips the batches already taken, without
 decoding them: the run goes on exactly as if never stopped. On another number (a 2-GPU run resumed on 1, say),
@@ -23,6 +28,7 @@ open keep only their unseen positions, cut as above among the new ranks and work
 
 from __future__ import annotations
 
+import heapq
 import json
 import random
 import signal
@@ -39,6 +45,7 @@ from launcher.distributed import contiguous_range
 from launcher.errors import LauncherError
 from launcher.features import join_features, stack_features
 from launcher.labels import MAX_LABEL_TOKENS, LabelEncoder, Segment
+from launcher.mixing import Mix, Read
 from launcher.packing import ClipRef, Packer, PackSettings, Window
 from launcher.shards import BadShard, Shard, ShardIndex, load_mel, mel_frames, read_samples
 
@@ -51,13 +58,6 @@ def train_shards(index: ShardIndex, split: str) -> list[Shard]:
     if not shards:
         raise LauncherError(f"split {split!r} in {index.folder} has no samples")
     return shards
-
-
-def epoch_shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
-    order = list(shards)
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order
 
 
 @dataclass
@@ -81,7 +81,7 @@ class DataPlan:
                    {e: np.unpackbits(m.numpy(), count=total).astype(bool) for e, m in state["excluded"].items()})
 
     def positions(self, epoch: int, total: int) -> Sequence[int]:
-        """The epoch's sequence: positions 0..total-1 of its shard order, less those left out."""
+        """The epoch's sequence: positions 0..total-1 (`mixing.Mix`), less those left out."""
         return np.flatnonzero(~self.excluded[epoch]) if epoch in self.excluded else range(total)
 
 
@@ -157,12 +157,16 @@ def resume_position(states: list[dict], total: int, *, world_size: int, rank: in
 class ShardStream(IterableDataset):
     """One rank's endless stream of training samples; see the module docstring for the plan."""
 
-    def __init__(self, shards: list[Shard], labels: LabelEncoder, *, rank: int, world_size: int, seed: int,
+    def __init__(self, sets: Mix | list[Shard], labels: LabelEncoder, *, rank: int, world_size: int, seed: int,
                  shuffle: bool, shuffle_buffer: int, batch_size: int, plan: DataPlan | None = None,
                  skip_batches: int = 0, verify: bool = False, on_bad_data: str = "skip",
                  pack: PackSettings | None = None, timestamp_probability: float = 0.0,
-                 prompt_probability: float = 0.0):
-        self.shards, self.labels = shards, labels
+                 prompt_probability: float = 0.0, languages: Sequence[str] | None = None):
+        """`sets`: the run's `Mix`, or one set's shards; `languages`: each set's language (default: the label
+        encoder's)."""
+        self.mix = sets if isinstance(sets, Mix) else Mix([sets], [1.0], seed=seed, shuffle=shuffle)
+        self.labels = labels
+        self.languages = list(languages) if languages else [labels.language] * len(self.mix.sets)
         self.pack = pack
         self.timestamp_probability, self.prompt_probability = timestamp_probability, prompt_probability
         self._warned_no_speaker = False
@@ -170,7 +174,7 @@ class ShardStream(IterableDataset):
         self._checked: dict[Shard, BadShard | None] = {}  # sha256 verdicts, per worker process
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.buffer, self.batch_size = shuffle, max(1, shuffle_buffer), batch_size
-        self.total = sum(s.samples for s in shards)
+        self.total = self.mix.total
         self.plan = plan or DataPlan()
         self.skip_batches = skip_batches
         if self.total < world_size:
@@ -201,51 +205,49 @@ class ShardStream(IterableDataset):
         if self._checked[shard] is not None:
             raise self._checked[shard]
 
-    def epoch_items(self, epoch: int, worker: int, workers: int) -> Iterator[tuple[Shard, Sequence[int], int]]:
-        """(shard, sorted in-shard positions, the shard's offset in the epoch's sequence) for this worker's part
-        of the epoch, in shard order."""
+    def epoch_items(self, epoch: int, worker: int, workers: int) -> list[list[Read]]:
+        """This worker's part of an epoch: per set, the shards to read in order (`mixing.Read`)."""
         positions = worker_positions(self.plan, self.total, epoch, self.world_size, self.rank, workers, worker)
-        offset = 0
-        for shard in epoch_shard_order(self.shards, self.seed, epoch, self.shuffle):
-            if isinstance(positions, range):
-                wanted = range(max(positions.start, offset) - offset,
-                               max(min(positions.stop, offset + shard.samples) - offset, 0))
-            else:
-                i, j = np.searchsorted(positions, [offset, offset + shard.samples])
-                wanted = positions[i:j] - offset
-            if len(wanted):
-                yield shard, wanted, offset
-            offset += shard.samples
+        return self.mix.reads(epoch, positions)
 
-    def _blocks(self, epoch: int, worker: int, workers: int, counts: dict) -> Iterator[list[tuple]]:
-        """This worker's samples of one epoch in blocks of `shuffle_buffer`; bad data is counted into `counts`."""
-        block: list = []
-        for shard, wanted, offset in self.epoch_items(epoch, worker, workers):
+    def _read(self, reads: list[Read], worker: int, counts: dict) -> Iterator[tuple]:
+        """One set's samples of `reads` in order, as (epoch position, set, shard name, key, mel, meta); bad data is
+        counted into `counts`."""
+        for r in reads:
             try:
                 if self.verify:
-                    self._check(shard)
+                    self._check(r.shard)
             except BadShard as e:
-                counts["bad"] += self._bad(BadShard(str(e), skipped=len(wanted)), worker)
+                counts["bad"] += self._bad(BadShard(str(e), skipped=len(r.wanted)), worker)
                 continue
             try:
-                for sample in read_samples(shard.path, wanted):
-                    block.append((shard.path.name, offset + sample.position, sample.key, sample.mel, sample.meta))
-                    if len(block) == self.buffer:
-                        yield block
-                        block = []
+                for sample in read_samples(r.shard.path, r.wanted):
+                    at = int(r.positions[np.searchsorted(r.wanted, sample.position)])
+                    yield at, r.set, r.shard.path.name, sample.key, sample.mel, sample.meta
             except BadShard as e:
                 counts["bad"] += self._bad(e, worker)
+
+    def _blocks(self, epoch: int, worker: int, workers: int, counts: dict) -> Iterator[list[tuple]]:
+        """This worker's samples of one epoch, in the epoch's order (the sets read side by side), in blocks of
+        `shuffle_buffer`; bad data is counted into `counts`."""
+        block: list = []
+        per_set = [self._read(reads, worker, counts) for reads in self.epoch_items(epoch, worker, workers)]
+        for sample in heapq.merge(*per_set, key=lambda x: x[0]):
+            block.append(sample)
+            if len(block) == self.buffer:
+                yield block
+                block = []
         if block:
             yield block
 
     def _clips(self, block: list[tuple], epoch: int, worker: int, counts: dict) -> Iterator[ClipRef]:
         """The usable clips of a block; bad data and labels that cannot fit are counted into `counts`."""
-        for shard_name, position, key, mel, meta in block:
+        for position, set_no, shard_name, key, mel, meta in block:
             try:
                 meta = json.loads(meta)
                 text_ids = self.labels.text_ids(meta["text"])
                 clip = ClipRef(meta["id"], epoch, position, text_ids, float(meta.get("seconds", 0.0)), mel,
-                               speaker=meta.get("speaker"))
+                               speaker=meta.get("speaker"), language=self.languages[set_no])
                 if self.pack is not None:
                     clip.frames = mel_frames(mel)
             except (ValueError, KeyError, TypeError) as e:
@@ -312,7 +314,7 @@ class ShardStream(IterableDataset):
             timestamps, prompted = draw.random() < self.timestamp_probability, draw.random() < self.prompt_probability
             segments = [Segment(c.text_ids, start, start + c.seconds) for c, start in zip(window.clips, window.starts(),
                                                                                           strict=True)]
-            labels = self.labels.window(segments, timestamps=timestamps)
+            labels = self.labels.window(segments, timestamps=timestamps, language=first.language)
             yield {"ids": [c.id for c in window.clips], "features": features, "labels": labels,
                    "prompt": self.labels.prompt(previous, len(labels)) if prompted else [],
                    "epoch": first.epoch, "positions": [(c.epoch, c.position) for c in window.clips],
@@ -337,28 +339,32 @@ class ShardStream(IterableDataset):
         return self.worker_stream(*self._worker())
 
 
-def collate(samples: list[dict], start_token: int | None = None, pad_token: int | None = None) -> dict:
+def collate(samples: list[dict], start_token: int | None = None, pad_token: int | None = None,
+            learn_language: bool = True) -> dict:
     """A batch as it travels to the device: the stored float16 frames (`stack_features`; `features.pad_batch` makes
     Whisper's 30 s window on the device), labels padded with -100 (ignored by the loss) to a multiple of
     LABEL_BUCKET tokens, and what the loop records about the samples (`ids` of every clip, `windows`: the clips of
     each sample).
 
-    With prompts (`labels.LabelEncoder.prompt`) the batch also carries the decoder inputs, which the model would
-    otherwise make from the labels: [prompt..., start, labels[:-1]], the prompt's targets -100. `start_token` and
-    `pad_token` are needed then (`train_loader` gives them)."""
-    prompted = any(s["prompt"] for s in samples)
+    With prompts (`labels.LabelEncoder.prompt`), or with `learn_language` false (`model.train_language_token`: the
+    language token is read by the decoder but its target is -100), the batch also carries the decoder inputs, which
+    the model would otherwise make from the labels: [prompt..., start, labels[:-1]], the prompt's targets -100.
+    `start_token` and `pad_token` are needed then (`train_loader` gives them)."""
+    explicit = not learn_language or any(s["prompt"] for s in samples)
     lengths = [len(s["prompt"]) + len(s["labels"]) for s in samples]
     width = min(-(-max(lengths) // LABEL_BUCKET) * LABEL_BUCKET, MAX_LABEL_TOKENS)
     labels = torch.full((len(samples), width), -100, dtype=torch.long)
     for i, s in enumerate(samples):
         labels[i, len(s["prompt"]): lengths[i]] = torch.tensor(s["labels"])
     batch = {}
-    if prompted:
+    if explicit:
         if start_token is None or pad_token is None:
-            raise ValueError("a batch with prompts needs start_token and pad_token")
+            raise ValueError("a batch with prompts or an unlearned language token needs start_token and pad_token")
         inputs = torch.full((len(samples), width), pad_token, dtype=torch.long)
         for i, s in enumerate(samples):  # what the model reads at each position: the sequence shifted right
             inputs[i, : lengths[i]] = torch.tensor([*s["prompt"], start_token, *s["labels"][:-1]])
+            if not learn_language:
+                labels[i, len(s["prompt"])] = -100  # labels start with the language token
         batch["decoder_input_ids"] = inputs
     features, frames, pads = stack_features([s["features"] for s in samples])
     return {**batch, "features": features, "frames": frames, "pads": pads, "labels": labels,
@@ -377,8 +383,10 @@ def _worker_ignores_stop_signals(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    batch = partial(collate, start_token=stream.labels.start, pad_token=stream.labels.eot)
+def train_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False,
+                 learn_language: bool = True) -> DataLoader:
+    batch = partial(collate, start_token=stream.labels.start, pad_token=stream.labels.eot,
+                    learn_language=learn_language)
     return DataLoader(stream, batch_size=stream.batch_size, collate_fn=batch, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers else None,
                       worker_init_fn=_worker_ignores_stop_signals if num_workers else None)

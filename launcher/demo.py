@@ -54,9 +54,9 @@ def run_demo(out: Path, workers: int = 2, max_steps: int | None = None) -> int:
         console.print(f"[red]training exited {rc}[/]")
         return rc
     console.rule("[bold]4. evaluate[/] the delivered model on test, as the event scored it")
-    report = run_standalone(str(run / "final"), shards, "test", batch_size=16, num_beams=1, max_new_tokens=64,
-                            max_samples=None, language=None, task="transcribe", out_dir=run / "eval", zero_stage=0,
-                            precision="fp32")
+    [report] = run_standalone(str(run / "final"), [shards], "test", batch_size=16, num_beams=1, max_new_tokens=64,
+                              max_samples=None, language=None, task="transcribe", out_dir=run / "eval", zero_stage=0,
+                              precision="fp32").values()
     console.print(f"test: WER {report['wer']:.2f}% (orthographic {report['wer_orthographic']:.2f}%, CER "
                   f"{report['cer']:.2f}%) on {report['scored']} of {report['samples']} clips")
     console.rule("[bold]where everything went")

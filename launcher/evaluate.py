@@ -212,6 +212,16 @@ def evaluate(model, tokenizer, items: list[EvalItem], settings: DecodeSettings, 
     return report
 
 
+def split_label(split: str, language: str, several: bool) -> str:
+    """A report's split name: the split, and its language when a run or an evaluation has several."""
+    return f"{split}-{language}" if several else split
+
+
+def mean_wer(reports: dict[str, dict]) -> float:
+    """The languages' WERs averaged, each language counting once (not weighted by its words)."""
+    return sum(r["wer"] for r in reports.values()) / len(reports)
+
+
 def report_name(split: str, step: int | None) -> str:
     return f"{split}-step-{step}" if step is not None else split
 
@@ -236,13 +246,14 @@ def default_report_dir(model_name: str, cwd: Path | None = None) -> Path:
     return (cwd or Path.cwd()) / "eval" / slug
 
 
-def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size: int, num_beams: int,
+def run_standalone(model_name: str, shards_dirs: list[Path], split: str, *, batch_size: int, num_beams: int,
                    max_new_tokens: int, max_samples: int | None, language: str | None, task: str,
                    out_dir: Path | None, zero_stage: int, precision: str,
-                   long_form: float | None = None) -> dict | None:
-    """Load a Hugging Face model (folder or hub id) and evaluate it on one split, on one process or on every
-    rank of a `deepspeed`/`torchrun` launch (optionally wrapped in ZeRO-2/3, as during training); with `long_form`
-    on recordings of up to that many seconds joined from the split's clips."""
+                   long_form: float | None = None) -> dict[str, dict] | None:
+    """Load a Hugging Face model (folder or hub id) and evaluate it on one split of each shards folder (one per
+    language, each decoded with its own language token), on one process or on every rank of a
+    `deepspeed`/`torchrun` launch (optionally wrapped in ZeRO-2/3, as during training); with `long_form` on
+    recordings of up to that many seconds joined from the split's clips. Returns {language: report} on rank 0."""
     import os
 
     import torch.distributed as dist
@@ -250,10 +261,17 @@ def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size:
 
     from launcher.console import progress_bar, quiet_libraries
 
-    index = load_index(shards_dir)
-    language = language or index.language
-    if not language:
-        raise LauncherError("--language is needed: index.json does not name the shards' language")
+    indexes = [load_index(folder) for folder in shards_dirs]
+    if language and len(indexes) > 1:
+        raise LauncherError("--language is for one shards folder; with several, each one's index.json names its "
+                            "language")
+    languages = [language or index.language for index in indexes]
+    for folder, lang in zip(shards_dirs, languages, strict=True):
+        if not lang:
+            raise LauncherError(f"--language is needed: {Path(folder) / 'index.json'} does not name the shards' "
+                                "language")
+    if len(set(languages)) < len(languages):
+        raise LauncherError(f"--shards: two folders of one language ({', '.join(languages)}): one per language")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     quiet_libraries(rank, verbose=False)
@@ -282,15 +300,18 @@ def run_standalone(model_name: str, shards_dir: Path, split: str, *, batch_size:
                   "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"}}
         model = deepspeed.initialize(model=model, config=config)[0].module
     model.to(device)
-    settings = DecodeSettings(language=language, task=task, batch_size=batch_size, num_beams=num_beams,
-                              max_new_tokens=max_new_tokens)
-    items = scan_split(index, split, max_samples)
-    mine = clips_on_rank(items, world, rank, long_form)
-    name = split_name(split, long_form) if long_form else split
-    with progress_bar(name + (f" (rank 0 of {world})" if world > 1 else ""), mine, "clips",
-                      enabled=rank == 0) as advance:
-        report = evaluate(model, processor.tokenizer, items, settings, split=split, device=device, dtype=dtype,
-                          out_dir=out_dir or default_report_dir(model_name), model_name=model_name,
-                          progress=advance, long_form=long_form)
+    reports = {}
+    for index, lang in zip(indexes, languages, strict=True):
+        settings = DecodeSettings(language=lang, task=task, batch_size=batch_size, num_beams=num_beams,
+                                  max_new_tokens=max_new_tokens)
+        items = scan_split(index, split, max_samples)
+        mine = clips_on_rank(items, world, rank, long_form)
+        label = split_label(split, lang, len(indexes) > 1)
+        name = split_name(label, long_form) if long_form else label
+        with progress_bar(name + (f" (rank 0 of {world})" if world > 1 else ""), mine, "clips",
+                          enabled=rank == 0) as advance:
+            reports[lang] = evaluate(model, processor.tokenizer, items, settings, split=label, device=device,
+                                     dtype=dtype, out_dir=out_dir or default_report_dir(model_name),
+                                     model_name=model_name, progress=advance, long_form=long_form)
     shutdown_distributed()
-    return report
+    return reports if rank == 0 else None

@@ -39,13 +39,16 @@ class Segment:
 
 
 class LabelEncoder:
-    """Text -> label ids in the layouts above. `timestamps`: whether labels may take the timestamp layout (one
+    """Text -> label ids in the layouts above. `language`: the language token of labels that name none (a run's
+    shard sets name their own, `window(language=)`). `timestamps`: whether labels may take the timestamp layout (one
     token longer per clip than plain), so length checks allow for it."""
 
     def __init__(self, tokenizer, language: str, task: str, normalize: bool, *, timestamps: bool = False,
                  vocab_size: int | None = None, max_tokens: int = MAX_LABEL_TOKENS):
         tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
         self.task_tokens = tokenizer.prefix_tokens[1:3]  # [<|lang|>, <|task|>] after <|startoftranscript|>
+        self.language = language
+        self._language_ids: dict[str, int] = {}
         self.start = tokenizer.prefix_tokens[0]
         self.no_timestamps = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
         self.previous = tokenizer.convert_tokens_to_ids("<|startofprev|>")
@@ -82,10 +85,23 @@ class LabelEncoder:
     def timestamp(self, seconds: float) -> int:
         return self.timestamp_begin + min(LAST_TIMESTAMP, max(0, round(seconds / TIME_PRECISION)))
 
-    def window(self, segments: list[Segment], *, timestamps: bool) -> list[int]:
+    def language_id(self, language: str) -> int:
+        """The id of `<|language|>` (a Whisper code: `recipe.whisper_language_code`)."""
+        if language not in self._language_ids:
+            token = self.tokenizer.convert_tokens_to_ids(f"<|{language}|>")
+            if token is None or token == self.tokenizer.unk_token_id:
+                raise LauncherError(f"the tokenizer has no language token <|{language}|>")
+            self._language_ids[language] = token
+        return self._language_ids[language]
+
+    def window(self, segments: list[Segment], *, timestamps: bool, language: str | None = None) -> list[int]:
+        """Labels of a window of clips: its language's token (the encoder's default when None), the task, the
+        texts in the plain or the timestamp layout."""
+        head = self.task_tokens if language is None or language == self.language else \
+            [self.language_id(language), self.task_tokens[1]]
         if not timestamps:
-            return [*self.task_tokens, self.no_timestamps, *(t for s in segments for t in s.text_ids), self.eot]
-        ids = list(self.task_tokens)
+            return [*head, self.no_timestamps, *(t for s in segments for t in s.text_ids), self.eot]
+        ids = list(head)
         for s in segments:
             ids += [self.timestamp(s.start), *s.text_ids, self.timestamp(s.end)]
         return [*ids, self.eot]

@@ -50,9 +50,10 @@ def load_model(recipe: Recipe):
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """How evaluation decodes: the event's rule is greedy (num_beams 1) with the language token forced."""
+    """How evaluation decodes: the event's rule is greedy (num_beams 1) with the language token forced (None: not
+    forced, Whisper detects it: what a model exported from several languages does)."""
 
-    language: str
+    language: str | None
     task: str = "transcribe"
     batch_size: int = 32
     num_beams: int = 1

@@ -4,7 +4,8 @@ Whisper's encoder always reads a 30 s window; a 5 s Common Voice clip alone leav
 A window holds clips at frame offsets (10 ms frames), a gap of silence between them, and is closed before the next
 clip would pass `max_seconds` or its labels would pass the decoder's 448 tokens (`LabelEncoder.fits`). With
 `same_speaker`, a clip joins only the open window of its own speaker (the shards' `speaker`, e.g. Common Voice's
-client_id); a clip without one is never joined to another.
+client_id); a clip without one is never joined to another. Clips of different languages (shard sets) are never
+joined: a window's labels start with one language token.
 
 Features are joined from the stored ones when the window is loaded (`features.join_features`), which gives the
 joined audio's log-mel except at the frames spanning a join: bench/packing.py measures the difference.
@@ -47,6 +48,7 @@ class ClipRef:
     mel: bytes  # the stored .npy, loaded only for the windows that are trained on
     frames: int = 0  # of the stored features; read from the .npy header when packing
     speaker: str | None = None
+    language: str | None = None  # of its shard set: a window holds one language
 
 
 @dataclass
@@ -71,9 +73,10 @@ class Packer:
         self.open: dict[str, Window] = {}  # one per speaker (one in all without same_speaker)
 
     def _key(self, clip: ClipRef) -> str:
+        """The open window a clip may join: one per language, and per speaker with same_speaker."""
         if not self.settings.same_speaker:
-            return ""
-        return f"speaker:{clip.speaker}" if clip.speaker else f"clip:{clip.id}"
+            return f"{clip.language}"
+        return f"{clip.language}:speaker:{clip.speaker}" if clip.speaker else f"clip:{clip.id}"
 
     def _room(self, window: Window, clip: ClipRef) -> int | None:
         """The offset `clip` would take in `window`, or None if it does not fit there."""

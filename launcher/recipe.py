@@ -38,7 +38,12 @@ class SpecAugment(Section):
 
 class ModelSection(Section):
     name_or_path: str = Field(description="hub id (openai/whisper-large-v3) or a local Hugging Face folder")
-    language: str = Field(description="language code of the transcripts, e.g. fr")
+    language: str | None = Field(None, description="language code of the transcripts, e.g. fr (default: the shards' "
+                                                   "index.json); with several shard sets each set's own")
+    train_language_token: bool | None = Field(
+        None, description="learn the language token of the labels (Whisper's language detection reads it): default "
+                          "false with one language, so detection is not taught that everything is that language; "
+                          "true with several, so it learns the mix")
     task: Literal["transcribe", "translate"] = "transcribe"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
@@ -54,8 +59,20 @@ class PackSection(Section):
     gap_seconds: Annotated[float, Field(ge=0.0, le=5.0)] = Field(0.2, description="silence between two clips")
 
 
+class ShardSet(Section):
+    path: Path = Field(description="folder holding index.json, from `launcher shard`")
+    weight: Annotated[float, Field(gt=0.0)] | None = Field(
+        None, description="this set's share of the mix, relative to the other sets' weights (all or none)")
+    language: str | None = Field(None, description="default: index.json's language")
+
+
 class DataSection(Section):
-    shards: Path = Field(description="folder holding index.json, from `launcher shard`")
+    shards: Path | list[ShardSet] = Field(
+        description="folder holding index.json (from `launcher shard`), or a list of {path, weight, language}: one "
+                    "set per language, mixed in each epoch by weight (launcher/mixing.py)")
+    mix_temperature: Annotated[float, Field(gt=0.0)] | None = Field(
+        None, description="instead of weights: each set's share proportional to its size^(1/T) (T=1: as the sizes; "
+                          "larger T lifts the small sets)")
     train_split: str = "train"
     batch_size_per_gpu: PositiveInt
     num_workers: NonNegInt = 2
@@ -69,12 +86,18 @@ class DataSection(Section):
         "skip", description="a shard failing its sha256, a truncated tar or an unreadable sample: skip it (named "
                             "in the log, counted) or stop the run")
     pack: PackSection = PackSection()
+
     timestamp_probability: Probability = Field(
         0.0, description="share of training samples whose labels carry each clip's start and end timestamps "
                          "(Whisper's timestamp tokens) instead of <|notimestamps|>; keeps timestamp prediction")
     prompt_probability: Probability = Field(
         0.0, description="share of training samples given the previous sample's text as a <|startofprev|> prompt "
                          "(not learned), as Whisper conditions on earlier text in long-form decoding")
+
+    @property
+    def shard_sets(self) -> list[ShardSet]:
+        """The sets as a list, one folder being one set."""
+        return [ShardSet(path=self.shards)] if isinstance(self.shards, Path) else list(self.shards)
 
 
 class OptimSection(Section):
@@ -109,6 +132,8 @@ class EvalSection(Section):
                         "takes larger batches than training")
     max_new_tokens: Annotated[int, Field(ge=1, le=444)] = 225
     num_beams: PositiveInt = 1
+    select_by: str = Field("mean", description="which WER picks the best checkpoint with several languages: mean "
+                                               "(of the languages' WERs) or a language code")
     test_at_end: bool = Field(True, description="score the delivered model on the test split and write its card")
     long_form_seconds: Annotated[float, Field(gt=0)] | None = Field(
         None, description="also score each eval split (and test at the end) on recordings of up to this many seconds "
@@ -159,6 +184,20 @@ class Recipe(Section):
         if self.checkpoint.keep_best and self.eval.every_steps == 0:
             errors.append(("checkpoint.keep_best", self.checkpoint.keep_best,
                            "0 when eval.every_steps is 0 (best by WER needs periodic evaluation)"))
+        sets = self.data.shard_sets
+        if len(sets) > 1 and self.model.language:
+            errors.append(("model.language", self.model.language, "unset with several shard sets (each set's language "
+                           "is its index.json's or its `language`)"))
+        if len(sets) == 1 and (sets[0].weight is not None or self.data.mix_temperature is not None):
+            errors.append(("data.shards", str(sets[0].path), "several sets for a weight or data.mix_temperature"))
+        weighted = [s.weight is not None for s in sets]
+        if len(sets) > 1 and any(weighted) and not all(weighted):
+            errors.append(("data.shards", [s.weight for s in sets], "a weight for every set, or none"))
+        if any(weighted) and self.data.mix_temperature is not None:
+            errors.append(("data.mix_temperature", self.data.mix_temperature, "unset when the sets have weights"))
+        paths = [str(s.path) for s in sets]
+        if len(set(paths)) < len(paths):
+            errors.append(("data.shards", paths, "each folder once"))
         if self.logging.wandb and not self.logging.wandb_project:
             errors.append(("logging.wandb_project", None, "a project name when logging.wandb is true"))
         if errors:
@@ -268,45 +307,69 @@ def whisper_language_code(language: str) -> str | None:
 
 
 def check_against_data_and_model(recipe: Recipe):
-    """Cross-checks that need index.json and the model's config; returns both (a ShardIndex and the config
-    dict), read once for the whole run. All problems at once."""
+    """Cross-checks that need index.json and the model's config; returns the run's shard sets (`LanguageSet`s:
+    index, language, weight) and the config dict, read once for the whole run. All problems at once, each set's
+    named by its place in data.shards."""
+    from launcher.mixing import LanguageSet
     from launcher.shards import load_index
 
-    problems, index, config = [], None, None
-    try:
-        index = load_index(recipe.data.shards)
-    except LauncherError as e:
-        problems.append(f"data.shards: {e}")
+    problems, sets, config = [], [], None
     try:
         config = load_model_config(recipe.model.name_or_path)
     except LauncherError as e:
         problems.append(str(e))
-    language = whisper_language_code(recipe.model.language)
-    if language is None:
-        problems.append(f"model.language: got {recipe.model.language!r}, expected one of Whisper's language codes "
-                        f"(e.g. fr, de, es) or names")
-    if index is not None:
-        for field, split in [("data.train_split", recipe.data.train_split),
-                             *((f"eval.splits[{i}]", s) for i, s in enumerate(recipe.eval.splits))]:
-            if not index.has_split(split):
-                problems.append(f"{field}: got {split!r}, expected one of the shards' splits "
-                                f"({', '.join(index.split_names)})")
-        if recipe.eval.every_steps and "test" in recipe.eval.splits:
-            problems.append("eval.splits: periodic evaluation must not use the test split (it picks the best "
-                            "checkpoint); test is scored once at the end")
+    several = len(recipe.data.shard_sets) > 1
+    for i, entry in enumerate(recipe.data.shard_sets):
+        field = f"data.shards[{i}]" if several else "data.shards"
+        try:
+            index = load_index(entry.path)
+        except LauncherError as e:
+            problems.append(f"{field}: {e}")
+            continue
+        given, given_field = (entry.language, f"{field}.language") if several else (recipe.model.language,
+                                                                                    "model.language")
+        code = whisper_language_code(given) if given else None
+        if given and code is None:
+            problems.append(f"{given_field}: got {given!r}, expected one of Whisper's language codes (e.g. fr, de, "
+                            f"es) or names")
         shards_language = index.language and whisper_language_code(index.language)
-        if language and shards_language and shards_language != language:
-            problems.append(f"model.language: got {recipe.model.language!r}, but the shards in {index.folder} are "
-                            f"{index.language!r} (index.json, source.language): set model.language: "
-                            f"{index.language}, or point data.shards at {recipe.model.language} shards")
-    if index is not None and config is not None:
-        if index.n_mels != config.get("num_mel_bins"):
-            problems.append(f"data.shards: features have n_mels={index.n_mels}, but model "
+        if code and shards_language and shards_language != code:
+            problems.append(f"{given_field}: got {given!r}, but the shards in {index.folder} are {index.language!r} "
+                            f"(index.json, source.language): set it to {index.language}, or point {field} at "
+                            f"{given} shards")
+        language = code or shards_language
+        if not given and index.language and not shards_language:
+            problems.append(f"{field}: index.json's language {index.language!r} is not one of Whisper's; set "
+                            f"{given_field}")
+        elif not language:
+            problems.append(f"{given_field}: missing, and index.json of {index.folder} names no language")
+        for split_field, split in [("data.train_split", recipe.data.train_split),
+                                   *((f"eval.splits[{k}]", s) for k, s in enumerate(recipe.eval.splits))]:
+            if not index.has_split(split):
+                problems.append(f"{split_field}: got {split!r}, expected one of the shards' splits in {index.folder} "
+                                f"({', '.join(index.split_names)})")
+        if index.has_split(recipe.data.train_split) and not index.samples(recipe.data.train_split):
+            problems.append(f"{field}: split {recipe.data.train_split!r} of {index.folder} has no samples")
+        if config is not None and index.n_mels != config.get("num_mel_bins"):
+            problems.append(f"{field}: features in {index.folder} have n_mels={index.n_mels}, but model "
                             f"{recipe.model.name_or_path!r} expects num_mel_bins={config.get('num_mel_bins')}; "
                             f"reshard with --n-mels {config.get('num_mel_bins')}")
+        if language:
+            sets.append(LanguageSet(index, language, entry.weight))
+    languages = [s.language for s in sets]
+    if len(set(languages)) < len(languages):
+        problems.append(f"data.shards: languages {languages}: one set per language (evaluation and the model card "
+                        "report by language)")
+    select = recipe.eval.select_by
+    if several and select != "mean" and whisper_language_code(select) not in languages:
+        problems.append(f"eval.select_by: got {select!r}, expected mean or one of the sets' languages "
+                        f"({', '.join(languages)})")
+    if recipe.eval.every_steps and "test" in recipe.eval.splits:
+        problems.append("eval.splits: periodic evaluation must not use the test split (it picks the best "
+                        "checkpoint); test is scored once at the end")
     if problems:
         raise LauncherError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    return index, config
+    return sets, config
 
 
 # ---- DeepSpeed --------------------------------------------------------------------------------------------------

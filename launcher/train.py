@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        index, config = check_against_data_and_model(recipe)
+        sets, config = check_against_data_and_model(recipe)
         _check_precision(recipe)
     except LauncherError as e:
         if _rank() == 0:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries(_rank(), recipe.logging.verbose)
     try:
-        train(recipe, index, config, resume=args.resume)  # stopped on request (SIGTERM) or finished: both exit 0
+        train(recipe, sets, config, resume=args.resume)  # stopped on request (SIGTERM) or finished: both exit 0
         shutdown_distributed()
     except BaseException as e:  # noqa: BLE001 - a failing rank must die now, not hang in exit handlers
         code = 2 if isinstance(e, LauncherError) else 1
@@ -226,8 +226,9 @@ def _truncate_jsonl(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
-def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bool:
-    """Run the recipe on every rank. Returns False when it stopped early on request (a checkpoint is saved)."""
+def train(recipe: Recipe, sets: list, model_config: dict, resume: bool = False) -> bool:
+    """Run the recipe on every rank (`sets`: its `mixing.LanguageSet`s, from `check_against_data_and_model`).
+    Returns False when it stopped early on request (a checkpoint is saved)."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -252,6 +253,7 @@ def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bo
         train_shards,
     )
     from launcher.labels import LabelEncoder
+    from launcher.mixing import Mix, shares
     from launcher.model import DTYPES, load_model
     from launcher.packing import PackSettings
     from launcher.periodic import PeriodicEval
@@ -291,8 +293,11 @@ def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bo
 
     loop = LoopState(world_size=world)
     samples_log = run_dir / "samples" / f"rank-{rank}.jsonl" if recipe.logging.sample_ids else None
-    shards = train_shards(index, recipe.data.train_split)
-    total = sum(s.samples for s in shards)
+    data = recipe.data
+    parts = [train_shards(s.index, data.train_split) for s in sets]
+    mix = Mix(parts, shares([sum(sh.samples for sh in p) for p in parts], [s.weight for s in sets],
+                            data.mix_temperature), seed=recipe.seed, shuffle=data.shuffle)
+    total = mix.total
     workers = max(recipe.data.num_workers, 1)
     plan, trained, skip = DataPlan(), TrainedPositions(workers, 0), 0
     if point is not None:
@@ -306,18 +311,20 @@ def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bo
             _truncate_jsonl(run_dir / "train_log.jsonl", loop.step)
         if samples_log:
             _truncate_jsonl(samples_log, loop.step)
-    data = recipe.data
-    labels = LabelEncoder(processor.tokenizer, recipe.model.language, recipe.model.task,
+    labels = LabelEncoder(processor.tokenizer, sets[0].language, recipe.model.task,
                           normalize=data.target_text == "normalized", timestamps=data.timestamp_probability > 0,
                           vocab_size=model_config.get("vocab_size"))
     pack = PackSettings.from_seconds(data.pack.max_seconds, data.pack.gap_seconds, data.pack.same_speaker) \
         if data.pack.enabled else None
-    stream = ShardStream(shards, labels, rank=rank, world_size=world, seed=recipe.seed, shuffle=data.shuffle,
+    stream = ShardStream(mix, labels, rank=rank, world_size=world, seed=recipe.seed, shuffle=data.shuffle,
                          shuffle_buffer=data.shuffle_buffer, batch_size=data.batch_size_per_gpu, plan=plan,
                          skip_batches=skip, verify=data.verify_shards, on_bad_data=data.on_bad_data, pack=pack,
                          timestamp_probability=data.timestamp_probability,
-                         prompt_probability=data.prompt_probability)
-    batches = iter(train_loader(stream, recipe.data.num_workers, pin_memory=gpu))
+                         prompt_probability=data.prompt_probability, languages=[s.language for s in sets])
+    learn_language = recipe.model.train_language_token
+    if learn_language is None:
+        learn_language = len(sets) > 1
+    batches = iter(train_loader(stream, recipe.data.num_workers, pin_memory=gpu, learn_language=learn_language))
     if samples_log:
         samples_log.parent.mkdir(parents=True, exist_ok=True)
         # line-buffered: every step's ids are on disk before the next step, whatever kills the process
@@ -332,7 +339,12 @@ def train(recipe: Recipe, index, model_config: dict, resume: bool = False) -> bo
         logger.print(f"resumed from step {loop.step} ({point.folder / point.tag})" + (
             f", written by {point.world_size} ranks, on {world}: the rest of epoch {plan.start_epoch} onwards is "
             f"re-planned" if regrouped else ""))
-    evaluator = PeriodicEval(recipe, index, engine, processor, device, dtype, logger, watchdog)
+    if len(sets) > 1:
+        logger.print(f"mix: each epoch of {mix.total:,} samples holds " + ", ".join(
+            f"{s.language} {q:,} ({100 * q / mix.total:.1f}%, {q / n:.2f} of a pass)"
+            for s, q, n in zip(sets, mix.quotas, mix.sizes, strict=True))
+            + f"; language token {'learnt' if learn_language else 'not learnt'}")
+    evaluator = PeriodicEval(recipe, sets, engine, processor, device, dtype, logger, watchdog)
 
     def save() -> None:
         watchdog.beat()

@@ -113,9 +113,26 @@ def bigger_corpus(tmp_path) -> Path:
     return root
 
 
+def second_language_corpus(root: Path, language: str = "es", train_clips: int = 20) -> Path:
+    """The demo corpus as another language's release: clips renamed (distinct ids), the first `train_clips` of
+    train (a smaller set than French's 44), validation and test whole. The speech stays French: enough for
+    mixing, labels and per-language reports, which never listen."""
+    out = root / language
+    (out / "clips").mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv", "test.tsv"):
+        lines = (DEMO / name).read_text(encoding="utf-8").splitlines()
+        keep = lines[: train_clips + 1] if name == "train.tsv" else lines
+        (out / name).write_text("\n".join(line.replace("common_voice_fr_", f"common_voice_{language}_")
+                                           for line in keep) + "\n", encoding="utf-8")
+    for clip in (DEMO / "clips").iterdir():
+        shutil.copy(clip, out / "clips" / clip.name.replace("common_voice_fr_", f"common_voice_{language}_"))
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> dict[str, Path]:
-    """The bundled corpus sharded once per session: 80 bins (shards) and 128 bins (shards128)."""
+    """The bundled corpus sharded once per session: 80 bins (shards) and 128 bins (shards128); and a second
+    language's set (shards_es, 80 bins, `second_language_corpus`)."""
     from launcher.shard import ShardSettings, shard_corpus
     from launcher.sources.common_voice import CommonVoiceRelease
 
@@ -124,6 +141,9 @@ def demo_shards(tmp_path_factory) -> dict[str, Path]:
     for name, n_mels in (("shards", 80), ("shards128", 128)):
         shard_corpus(CommonVoiceRelease(DEMO, "fr"), root / name, ShardSettings(n_mels, 200_000, "fr"), workers=0)
         out[name] = root / name
+    es = second_language_corpus(root / "corpus")
+    shard_corpus(CommonVoiceRelease(es, "es"), root / "shards_es", ShardSettings(80, 200_000, "es"), workers=0)
+    out["shards_es"] = root / "shards_es"
     return out
 
 

@@ -56,7 +56,7 @@ def test_every_sample_is_seen_once_per_epoch_across_ranks_and_workers(demo_shard
         for rank in range(world):
             s = stream(shards, targets, rank, world)
             for worker in range(workers):
-                n = sum(len(wanted) for _, wanted, _ in s.epoch_items(epoch, worker, workers))
+                n = sum(len(r.wanted) for reads in s.epoch_items(epoch, worker, workers) for r in reads)
                 gen = s.samples(worker, workers)
                 taken = [next(gen) for _ in range(n * (epoch + 1))][n * epoch:]
                 assert {t["epoch"] for t in taken} == {epoch}

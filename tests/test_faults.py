@@ -79,15 +79,36 @@ def samples_by_step(run_dir: Path) -> dict[int, dict[int, list]]:
     return out
 
 
-# packing on, with timestamped labels and prompts: windows of several clips, decoder inputs built by the collate
-PACKED = ("data.pack.enabled=true", "data.pack.max_seconds=10", "data.timestamp_probability=0.5",
-          "data.prompt_probability=0.5")
+def packed(demo_shards) -> tuple[str, ...]:
+    """Packing on, with timestamped labels and prompts (windows of several clips, decoder inputs built by the
+    collate), on two languages mixed 1:1: French's 44 clips at 32 an epoch, Spanish's 20 upsampled to 32."""
+    return ("data.pack.enabled=true", "data.pack.max_seconds=10", "data.timestamp_probability=0.5",
+            "data.prompt_probability=0.5", "model.language=null",
+            f"data.shards=[{{path: {demo_shards['shards']}, weight: 1}}, "
+            f"{{path: {demo_shards['shards_es']}, weight: 1}}]")
+
+
+MIXED = {"fr": (32, 44), "es": (32, 20)}  # language: (clips in an epoch, clips in the set)
+
+
+def assert_each_clip_once_per_pass(seen: list[tuple[str, int]]) -> None:
+    """Over the complete epochs of a two-language run (`packed`): each set in its share, each of its clips once per
+    pass over the set (so no clip's count exceeds another's by more than one)."""
+    per_epoch = Counter(epoch for _, epoch in seen)
+    complete = 0
+    while per_epoch[complete] == sum(q for q, _ in MIXED.values()):
+        complete += 1
+    assert complete >= 2
+    for lang, (quota, n) in MIXED.items():
+        counts = Counter(i for i, e in seen if e < complete and f"_{lang}_" in i)
+        assert sum(counts.values()) == complete * quota and len(counts) == n, lang
+        assert max(counts.values()) - min(counts.values()) <= 1, f"{lang}: a clip twice in a pass"
 
 
 @pytest.fixture(scope="module")
 def packed_reference_run(tiny_model, demo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("packed-reference") / "run"
-    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT, *PACKED))
+    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT, *packed(demo_shards)))
     return run_dir
 
 
@@ -100,13 +121,13 @@ def windows_by_step(run_dir: Path) -> dict[int, dict[int, list]]:
     return out
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed-two-languages"])
 def test_resume_after_sigkill_matches_uninterrupted_losses_and_sees_each_sample_once_per_epoch(
-        request, tiny_model, demo_shards, tmp_path, packed):
-    reference = request.getfixturevalue("packed_reference_run") if packed else \
+        request, tiny_model, demo_shards, tmp_path, pack):
+    reference = request.getfixturevalue("packed_reference_run") if pack else \
         request.getfixturevalue("reference_run")[0]
     run_dir = tmp_path / "run"
-    args = overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT, *(PACKED if packed else ()))
+    args = overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT, *(packed(demo_shards) if pack else ()))
     proc = subprocess.Popen(training_cmd(args), cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_step(run_dir, 13, proc)
@@ -121,12 +142,14 @@ def test_resume_after_sigkill_matches_uninterrupted_losses_and_sees_each_sample_
     assert [r["loss"] for r in log] == [r["loss"] for r in ref_log], "bitwise equal losses after the resume"
     assert [r["grad_norm"] for r in log] == [r["grad_norm"] for r in ref_log]
     assert samples_by_step(run_dir) == samples_by_step(reference)
-    if packed:  # the same windows, and windows they are
-        assert windows_by_step(run_dir) == windows_by_step(reference)
-        assert max(len(w) for rank in windows_by_step(run_dir).values() for ws in rank.values() for w in ws) > 1
-    # every training sample exactly once per epoch, over both ranks (epochs complete within 24 steps)
     seen = [s for rank in samples_by_step(run_dir).values() for batches in rank.values() for b in batches
             for s in b]
+    if pack:  # the same windows, and windows they are; each language's clips once per pass over them
+        assert windows_by_step(run_dir) == windows_by_step(reference)
+        assert max(len(w) for rank in windows_by_step(run_dir).values() for ws in rank.values() for w in ws) > 1
+        assert_each_clip_once_per_pass(seen)
+        return
+    # every training sample exactly once per epoch, over both ranks (epochs complete within 24 steps)
     n_train = json.loads((demo_shards["shards"] / "index.json").read_text())["splits"]["train"]["samples"]
     per_epoch = Counter(epoch for _, epoch in seen)
     complete = [e for e in per_epoch if per_epoch[e] == n_train]
@@ -266,9 +289,9 @@ def test_a_bad_shard_stops_the_run_when_the_recipe_says_so_without_hanging_a_ran
     assert f"{name} does not match its sha256" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("zero_stage, packed", [(2, True), (3, False)], ids=["zero2-packed", "zero3"])
+@pytest.mark.parametrize("zero_stage, pack", [(2, True), (3, False)], ids=["zero2-packed-two-languages", "zero3"])
 def test_a_run_resumes_on_another_number_of_ranks_with_its_state_and_no_sample_repeated_or_skipped(
-        tiny_model, demo_shards, tmp_path, zero_stage, packed):
+        tiny_model, demo_shards, tmp_path, zero_stage, pack):
     """2 ranks with 2 loader workers each stop at step 10; the run goes on with 1 rank and 1 worker, re-planning
     the open epochs (with packing, new windows of the clips not yet seen). Also the suite's ZeRO-2/ZeRO-3 training
     on 2 ranks, with a full (gathered) final model."""
@@ -277,7 +300,7 @@ def test_a_run_resumes_on_another_number_of_ranks_with_its_state_and_no_sample_r
     run_dir = tmp_path / "run"
     args = overrides(tiny_model, demo_shards["shards"], run_dir, f"deepspeed.zero_stage={zero_stage}",
                      "optim.schedule=constant", "optim.warmup_steps=4", "checkpoint.every_steps=0",
-                     "logging.sample_ids=true", *(PACKED if packed else ()))
+                     "logging.sample_ids=true", *(packed(demo_shards) if pack else ()))
     run_training([*args, "optim.max_steps=10", "data.num_workers=2"])
     before = load_file(run_dir / "final" / "model.safetensors")
     initial = load_file(tiny_model / "model.safetensors")  # ZeRO-3 weights are gathered whole, and trained
@@ -297,9 +320,11 @@ def test_a_run_resumes_on_another_number_of_ranks_with_its_state_and_no_sample_r
     assert max(r["loss"] for r in log[10:]) < log[0]["loss"] - 1, "the weights go on from where they were"
     seen = [s for rank in samples_by_step(run_dir).values() for batches in rank.values() for b in batches for s in b]
     assert {rank for rank in samples_by_step(run_dir)} == {0, 1}
+    if pack:
+        assert_each_clip_once_per_pass(seen)
+        return
     n_train = json.loads((demo_shards["shards"] / "index.json").read_text())["splits"]["train"]["samples"]
-    if not packed:
-        assert len(seen) == 10 * 8 + 12 * 4  # 2 ranks x 4 clips, then 1 rank x 4 clips, per step
+    assert len(seen) == 10 * 8 + 12 * 4  # 2 ranks x 4 clips, then 1 rank x 4 clips, per step
     for epoch in range(len(seen) // n_train):  # every epoch the run finished, across the change
         ids = Counter(i for i, e in seen if e == epoch)
         assert len(ids) == n_train and set(ids.values()) == {1}, f"epoch {epoch}"

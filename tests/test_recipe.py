@@ -53,7 +53,7 @@ def test_all_errors_are_reported_at_once_with_dotted_paths(tmp_path):
     bad["optim"]["lrr"] = 1e-4  # typo
     bad["data"]["batch_size_per_gpu"] = "four"  # wrong type
     bad["deepspeed"]["zero_stage"] = 1  # not 2 or 3
-    del bad["model"]["language"]  # missing
+    del bad["optim"]["max_steps"]  # missing
     with pytest.raises(LauncherError) as e:
         load_recipe(write(tmp_path, bad))
     msg = str(e.value)
@@ -61,7 +61,7 @@ def test_all_errors_are_reported_at_once_with_dotted_paths(tmp_path):
     assert "optim.lrr: unknown key (did you mean 'lr'?" in msg
     assert "data.batch_size_per_gpu: got 'four'" in msg
     assert "deepspeed.zero_stage: got 1" in msg and "2 or 3" in msg
-    assert "model.language: missing" in msg
+    assert "optim.max_steps: missing" in msg
 
 
 def test_cross_field_checks(tmp_path):
@@ -143,8 +143,8 @@ def test_a_language_that_does_not_match_the_shards_is_refused(demo_shards, tiny_
 
     recipe = load_recipe(REPO / "recipes" / "tiny_demo.yaml", [f"model.name_or_path={tiny_model}",
                                                                 f"data.shards={demo_shards['shards']}"])
-    index, config = check_against_data_and_model(recipe)
-    assert index.language == "fr" and config["num_mel_bins"] == 80
+    [data_set], config = check_against_data_and_model(recipe)
+    assert data_set.index.language == "fr" and data_set.language == "fr" and config["num_mel_bins"] == 80
     for language, words in (("de", "but the shards in"), ("klingon", "expected one of Whisper's language codes")):
         with pytest.raises(LauncherError, match=words) as e:
             check_against_data_and_model(load_recipe(REPO / "recipes" / "tiny_demo.yaml", [
@@ -154,7 +154,7 @@ def test_a_language_that_does_not_match_the_shards_is_refused(demo_shards, tiny_
     french = load_recipe(REPO / "recipes" / "tiny_demo.yaml", [f"model.name_or_path={tiny_model}",
                                                                 f"data.shards={demo_shards['shards']}",
                                                                 "model.language=french"])
-    check_against_data_and_model(french)  # Whisper's language names are accepted too
+    assert check_against_data_and_model(french)[0][0].language == "fr"  # Whisper's language names are accepted too
 
 
 def test_bad_recipe_fails_before_any_process_group_with_every_error(tmp_path, demo_shards, tiny_model):
@@ -180,7 +180,7 @@ def test_bad_recipe_fails_before_any_process_group_with_every_error(tmp_path, de
     proc = subprocess.run([sys.executable, "train_ds.py", "--recipe", str(write(tmp_path, bad))], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "features have n_mels=128, but model" in proc.stderr and "expects num_mel_bins=80" in proc.stderr
+    assert "have n_mels=128, but model" in proc.stderr and "expects num_mel_bins=80" in proc.stderr
     assert "--n-mels 80" in proc.stderr
 
 

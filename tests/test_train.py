@@ -139,6 +139,50 @@ def test_periodic_eval_under_zero3_keeps_the_best_by_wer_and_cards_the_final_mod
     assert all(torch.equal(final[k], best[k]) for k in final)
 
 
+def test_two_languages_train_and_are_evaluated_reported_and_carded_each_on_their_own(tiny_model, demo_shards,
+                                                                                    tmp_path):
+    """fr (44 clips) and es (20) mixed 3:1; every evaluation scores each language's validation split with its own
+    language token; the best checkpoint is the best mean; test is scored per language and the card's model-index
+    (read back with huggingface_hub's own parser) has one result per language."""
+    from huggingface_hub import ModelCard
+
+    run_dir = tmp_path / "run"
+    shards = f"[{{path: {demo_shards['shards']}, weight: 3}}, {{path: {demo_shards['shards_es']}, weight: 1}}]"
+    proc = run_training([*overrides(tiny_model, demo_shards["shards"], run_dir, "optim.max_steps=12",
+                                    "eval.every_steps=6", "eval.max_new_tokens=20", "checkpoint.every_steps=0",
+                                    "checkpoint.keep_best=1", "logging.every_steps=6", "logging.sample_ids=true"),
+                         f"data.shards={shards}", "model.language=null"])
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert "each epoch of 64 samples holds fr 48 (75.0%, 1.09 of a pass), es 16 (25.0%, 0.80 of a pass)" in out
+    assert "language token learnt" in out
+    reports = {(lang, step): json.loads((run_dir / "eval" / f"validation-{lang}-step-{step}.json").read_text())
+               for lang in ("fr", "es") for step in (6, 12)}
+    assert all(r["samples"] == 8 and r["decode"]["language"] == lang for (lang, _), r in reports.items())
+    for step in (6, 12):
+        mean = (reports[("fr", step)]["wer"] + reports[("es", step)]["wer"]) / 2
+        assert f"step {step}: validation mean WER {mean:.2f}% over fr, es" in out
+    best = min((6, 12), key=lambda s: ((reports[("fr", s)]["wer"] + reports[("es", s)]["wer"]) / 2, -s))
+    loop = json.loads((run_dir / "checkpoints" / "step-12" / "loop.json").read_text())
+    assert loop["best"][0][1] == best
+    seen = [i for f in (run_dir / "samples").glob("rank-*.jsonl") for line in f.read_text().splitlines()
+            for i in json.loads(line)["ids"]]
+    spanish = sum("_es_" in i for i in seen)
+    assert len(seen) == 96 and abs(spanish - 24) <= 2, "3:1 over 12 steps of 2 x 4 clips (within a clip a rank)"
+    tests = {lang: json.loads((run_dir / "eval" / f"test-{lang}-step-{best}.json").read_text())
+             for lang in ("fr", "es")}
+    card = ModelCard.load(run_dir / "final" / "README.md")
+    assert card.data.language == ["fr", "es"]
+    results = {(r.dataset_config, r.metric_name): r for r in card.data.eval_results}
+    assert set(results) == {(lang, m) for lang in ("fr", "es") for m in ("Wer", "Orthographic Wer", "Cer")}
+    for lang in ("fr", "es"):
+        r = results[(lang, "Wer")]
+        assert r.task_type == "automatic-speech-recognition" and r.dataset_split == "test"
+        assert r.metric_value == round(tests[lang]["wer"], 2)
+    assert f"step-{best}" in card.content and "weight: 3" in card.content, "the selection and the recipe"
+    generation = json.loads((run_dir / "final" / "generation_config.json").read_text())
+    assert generation.get("language") is None, "a model of two languages detects the language itself"
+
+
 def test_the_best_checkpoint_of_two_zero3_ranks_is_delivered_by_one(zero2_run, demo_shards, tmp_path):
     """A ZeRO-3 run evaluated every 4 steps stops at 8 on 2 ranks and ends at 12 on 1: the delivered model is the
     best checkpoint's weights, read from partitions another number of ranks wrote (DeepSpeed's own load without

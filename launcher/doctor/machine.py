@@ -376,7 +376,8 @@ def _splits_read(recipe: Recipe, index) -> list[str]:
 
 def check_shards(recipe: Recipe, verify: bool = False) -> Check:
     """check_against_data_and_model passes (a model that does not load is the model check's line, not repeated
-    here), and every shard of the splits the run reads exists with the index's size (and sha256 with verify)."""
+    here), and every shard of the splits the run reads, in every shard set, exists with the index's size (and
+    sha256 with verify)."""
     from launcher.shards import load_index
 
     problems = []
@@ -386,24 +387,32 @@ def check_shards(recipe: Recipe, verify: bool = False) -> Check:
         lines = [line.strip() for line in str(e).splitlines()]
         problems = [line for line in lines if line and not re.fullmatch(r"\d+ problem\(s\):", line)
                     and not line.startswith("model.name_or_path:")]
-    try:
-        index = load_index(recipe.data.shards)
-    except LauncherError:
+    indexes, wrong, found, total = [], [], [], 0
+    for entry in recipe.data.shard_sets:
+        try:
+            index = load_index(entry.path)
+        except LauncherError:
+            continue
+        indexes.append(index)
+        splits = _splits_read(recipe, index)
+        shards = [shard for split in splits for shard in index.shards(split)]
+        total += len(shards)
+        wrong += [f"{shard.path.relative_to(index.folder)} {p}" for shard in shards
+                  if (p := shard.problem(hash_it=verify))]
+        counts = ", ".join(f"{s} {index.samples(s)} clips in {len(index.shards(s))} shard(s)" for s in splits)
+        found.append(f"{index.folder}: {counts}")
+    if not indexes:
         return Check("shards", "FAIL", "; ".join(problems), SHARDS_FIX)
-    splits = _splits_read(recipe, index)
-    shards = [shard for split in splits for shard in index.shards(split)]
-    bad = [f"{shard.path.relative_to(index.folder)} {p}" for shard in shards if (p := shard.problem(hash_it=verify))]
-    wrong = (f"{len(bad)} of {len(shards)} shard files wrong: " + "; ".join(bad[:5])
-             + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")) if bad else None
-    if problems or (wrong and recipe.data.on_bad_data == "stop"):
-        return Check("shards", "FAIL", f"{index.folder}: " + "; ".join([*problems, *filter(None, [wrong])]),
+    bad = (f"{len(wrong)} of {total} shard files wrong: " + "; ".join(wrong[:5])
+           + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")) if wrong else None
+    where = ", ".join(str(index.folder) for index in indexes)
+    if problems or (bad and recipe.data.on_bad_data == "stop"):
+        return Check("shards", "FAIL", f"{where}: " + "; ".join([*problems, *filter(None, [bad])]), SHARDS_FIX)
+    if bad:  # the recipe says to train on without them: they will be skipped, named and counted
+        return Check("shards", "WARN", f"{where}: {bad}; their samples will be skipped (data.on_bad_data: skip)",
                      SHARDS_FIX)
-    if wrong:  # the recipe says to train on without them: they will be skipped, named and counted
-        return Check("shards", "WARN", f"{index.folder}: {wrong}; their samples will be skipped "
-                                       "(data.on_bad_data: skip)", SHARDS_FIX)
-    counts = ", ".join(f"{s} {index.samples(s)} clips in {len(index.shards(s))} shard(s)" for s in splits)
     how = "sizes and sha256" if verify else "the index's sizes (sha256 not checked: --verify)"
-    return Check("shards", "OK", f"{index.folder}: {counts}; all {len(shards)} files present with {how}")
+    return Check("shards", "OK", "; ".join(found) + f"; all {total} files present with {how}")
 
 
 # ---- disk ---------------------------------------------------------------------------------------------------

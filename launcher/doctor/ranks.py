@@ -111,9 +111,12 @@ def git_commit() -> str | None:
     return out.strip() if out else None
 
 
-def _index_digest(shards: Path) -> str:
+def _index_digest(folders: list[Path]) -> str:
     try:
-        return hashlib.sha256((Path(shards) / "index.json").read_bytes()).hexdigest()
+        h = hashlib.sha256()
+        for folder in folders:
+            h.update((Path(folder) / "index.json").read_bytes())
+        return h.hexdigest()
     except OSError as e:
         return f"unreadable ({type(e).__name__})"
 
@@ -123,7 +126,7 @@ def fingerprint(recipe: Recipe) -> dict[str, str | None]:
     return {"code": code_fingerprint(), "git commit": git_commit(),
             "libraries": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
             "recipe": hashlib.sha256(recipe_yaml(recipe).encode()).hexdigest(),
-            "shards index": _index_digest(recipe.data.shards)}
+            "shards index": _index_digest([s.path for s in recipe.data.shard_sets])}
 
 
 def _odd_ones(values: list[tuple[int, str, str | None]]) -> list[tuple[int, str, str | None]]:
