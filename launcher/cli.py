@@ -22,18 +22,31 @@ def _shard(args: argparse.Namespace) -> int:
         raise LauncherError(f"--n-mels must be 80 (Whisper v1/v2) or 128 (large-v3), got {args.n_mels}")
     if args.shard_size <= 0:
         raise LauncherError(f"--shard-size must be a positive number of MB, got {args.shard_size}")
-    out = Path(args.out or f"shards/{args.lang}")
-    source = open_source(args.source, args.lang, hf_config=args.hf_config, audio_column=args.audio_column,
-                         text_column=args.text_column)
-    settings = ShardSettings(n_mels=args.n_mels, shard_bytes=int(args.shard_size * 1e6), language=args.lang)
+    languages = [lang.strip() for lang in args.lang.split(",") if lang.strip()]
+    if not languages or len(set(languages)) < len(languages):
+        raise LauncherError(f"--lang: got {args.lang!r}, expected language codes, each once (e.g. fr or fr,de,es)")
+    several = len(languages) > 1
+    if several and args.source and args.source.split(":")[0] in ("hf", "manifest"):
+        raise LauncherError("--source hf:/manifest: holds one language; with several --lang use cv11, cv-hub:LOCATION "
+                            "or a Common Voice release folder holding one folder per language (cv:PATH)")
+    # several languages: one folder each, under --out (default shards/)
+    outs = {lang: Path(args.out or "shards") / lang if several else Path(args.out or f"shards/{lang}")
+            for lang in languages}
+    sources = {lang: open_source(args.source, lang, hf_config=args.hf_config, audio_column=args.audio_column,
+                                 text_column=args.text_column) for lang in languages}
     console = Console(stderr=True)
     columns = (TextColumn("[bold]{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TextColumn("clips"),
                TextColumn("{task.fields[hours]:.2f} h audio"), TextColumn("{task.fields[speed]:.0f}x real time"),
                TimeElapsedColumn())
+    runs = []
     with Progress(*columns, console=console) as progress:
-        index = shard_corpus(source, out, settings, workers=args.workers, overwrite=args.overwrite,
-                             splits=args.splits.split(",") if args.splits else None, progress=progress)
-    print_summary(console, out, index)
+        for lang in languages:
+            settings = ShardSettings(n_mels=args.n_mels, shard_bytes=int(args.shard_size * 1e6), language=lang)
+            index = shard_corpus(sources[lang], outs[lang], settings, workers=args.workers, overwrite=args.overwrite,
+                                 splits=args.splits.split(",") if args.splits else None, progress=progress,
+                                 label=f"{lang} " if several else "")
+            runs.append((lang, outs[lang], index))
+    print_summary(console, runs)
     return 0
 
 
@@ -165,10 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode, resample to 16 kHz, compute Whisper log-mel once and write WebDataset "
                                    "tar shards plus index.json; bad clips are dropped and listed in dropped.jsonl. "
                                    "A rerun resumes: finished shards are verified by sha256 and kept.")
-    p.add_argument("--lang", required=True, help="language code, e.g. fr (Common Voice locale)")
+    p.add_argument("--lang", required=True, help="language code, e.g. fr (Common Voice locale), or several: fr,de,es "
+                                                 "(one folder each under --out)")
     p.add_argument("--source", help="cv11 (default: Common Voice 11 on the Hub, needs HF_TOKEN), cv-hub:LOCATION, "
                                     "cv:PATH, hf:NAME_OR_PATH, manifest:FILE.jsonl, or a path recognised by content")
-    p.add_argument("--out", help="output folder (default: shards/<lang>)")
+    p.add_argument("--out", help="output folder (default: shards/<lang>); with several languages their parent "
+                                 "(default: shards/, giving shards/fr, shards/de, ...)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="feature processes (default: all cores; 0 runs in this process)")
     p.add_argument("--shard-size", type=float, default=256.0, help="target shard size in MB (default: 256)")

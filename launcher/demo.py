@@ -34,7 +34,7 @@ def run_demo(out: Path, workers: int = 2, max_steps: int | None = None) -> int:
     console.rule("[bold]1. shard[/] the bundled corpus (Common Voice layout, 3 deliberately bad rows)")
     index = shard_corpus(CommonVoiceRelease(DEMO_CORPUS, "fr"), shards, ShardSettings(80, 500_000, "fr"),
                          workers=workers)
-    print_summary(console, shards, index)
+    print_summary(console, [("fr", shards, index)])
     console.rule("[bold]2. inspect[/] the shards and verify every sha256")
     if inspect(shards, verify=True):
         return 1

@@ -327,9 +327,10 @@ def _chunks(tasks: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
 
 
 def shard_corpus(source: Source, out: Path, settings: ShardSettings, *, workers: int, splits: list[str] | None = None,
-                 overwrite: bool = False, progress: Progress | None = None) -> dict:
+                 overwrite: bool = False, progress: Progress | None = None, label: str = "") -> dict:
     """Write the splits of `source` to `out` (resuming a run that stopped); returns the index written to
-    out/index.json."""
+    out/index.json. `label` goes before the split's name on the progress display (the language, when one command
+    shards several)."""
     out = Path(out)
     progress = progress or Progress(disable=True)
     if overwrite:
@@ -352,24 +353,24 @@ def shard_corpus(source: Source, out: Path, settings: ShardSettings, *, workers:
             journal = journals[split] = Journal(out, split, header)
             kept, bad = journal.resume()
             if kept or bad:
-                progress.log(f"resuming {split}: {kept} finished shard(s) verified and kept"
+                progress.log(f"resuming {label}{split}: {kept} finished shard(s) verified and kept"
                              + (", the next one failed its sha256 check and is rewritten" if bad else ""))
             if journal.complete and pos == len(order) - 1:
                 continue  # no later split needs this one's ids for de-duplication
-            _shard_split(source, split, out, settings, journal, dedup, pool, progress)
+            _shard_split(source, split, out, settings, journal, dedup, pool, progress, label)
     finally:
         pool.shutdown()
     return _write_index(out, header, journals)
 
 
 def _shard_split(source: Source, split: str, out: Path, settings: ShardSettings, journal: Journal, dedup: _Dedup,
-                 pool: _Pool, progress: Progress) -> None:
+                 pool: _Pool, progress: Progress, label: str = "") -> None:
     """Shard one split from where its journal stopped. Clips before `journal.next_item` are in verified
     shards: they are only read for de-duplication, never decoded."""
     skip = journal.next_item
     drops: list[Drop] = []  # decided but not yet journalled
     seen = [0]
-    task = progress.add_task(split, total=source.count(split), hours=0.0, speed=0.0)
+    task = progress.add_task(label + split, total=source.count(split), hours=0.0, speed=0.0)
 
     def tasks() -> Iterator[tuple]:
         for item, clip in enumerate(source.clips(split)):
@@ -437,18 +438,25 @@ def _write_index(out: Path, header: dict, journals: dict[str, Journal]) -> dict:
     return index
 
 
-def print_summary(console, out: Path, index: dict) -> None:
-    """The table `launcher shard` ends with: samples, hours, shards, MB and drops per split."""
+def print_summary(console, runs: list[tuple[str, Path, dict]]) -> None:
+    """The table `launcher shard` ends with, one for all its languages: samples, hours, shards, MB and drops per
+    split (`runs`: language, folder and index of each)."""
     from rich.table import Table
 
-    table = Table("split", "samples", "hours", "shards", "MB", "dropped", title=f"shards in {out}")
-    for name, split in index["splits"].items():
-        table.add_row(name, f"{split['samples']:,}", f"{split['seconds'] / 3600:.3f}", str(len(split["shards"])),
-                      f"{sum(s['bytes'] for s in split['shards']) / 1e6:.1f}", str(split["dropped"]))
+    several = len(runs) > 1
+    title = f"shards in {runs[0][1]}" if not several else "shards in " + ", ".join(str(out) for _, out, _ in runs)
+    table = Table(*(["language"] if several else []), "split", "samples", "hours", "shards", "MB", "dropped",
+                  title=title)
+    for language, _, index in runs:
+        for name, split in index["splits"].items():
+            table.add_row(*([language] if several else []), name, f"{split['samples']:,}",
+                          f"{split['seconds'] / 3600:.3f}", str(len(split["shards"])),
+                          f"{sum(s['bytes'] for s in split['shards']) / 1e6:.1f}", str(split["dropped"]))
     console.print(table)
-    dropped = index["dropped"]
-    if dropped:
-        console.print(f"[yellow]dropped {sum(dropped.values())} clip(s)[/]: "
-                      + ", ".join(f"{reason} {n}" for reason, n in dropped.items())
-                      + f"; each is listed with its reason in {out / 'dropped.jsonl'}")
-    console.print(f"index: {out / 'index.json'}")
+    for language, out, index in runs:
+        dropped = index["dropped"]
+        if dropped:
+            console.print(f"[yellow]{language + ': ' if several else ''}dropped {sum(dropped.values())} clip(s)[/]: "
+                          + ", ".join(f"{reason} {n}" for reason, n in dropped.items())
+                          + f"; each is listed with its reason in {out / 'dropped.jsonl'}")
+        console.print(f"index: {out / 'index.json'}")

@@ -127,3 +127,20 @@ def test_evaluate_shows_progress_and_writes_beside_the_user(tiny_model, demo_sha
 def test_missing_model_is_a_clear_error(demo_shards, tmp_path):
     proc = run_cli("evaluate", "--model", str(tmp_path / "nope"), "--shards", str(demo_shards["shards"]), check=False)
     assert proc.returncode == 2 and "cannot load a Whisper model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_several_shard_folders_are_scored_each_with_its_own_language_and_their_mean(tiny_model, demo_shards,
+                                                                                   tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("evaluate", "--model", str(tiny_model), "--shards", str(demo_shards["shards"]),
+                   str(demo_shards["shards_es"]), "--split", "test", "--max-new-tokens", "4", "--max-samples", "5",
+                   "--out", str(out))
+    reports = {lang: load(out, f"test-{lang}") for lang in ("fr", "es")}
+    for lang, (report, rows) in reports.items():
+        assert report["split"] == f"test-{lang}" and report["decode"]["language"] == lang and len(rows) == 5
+        assert all(f"_{lang}_" in row["id"] for row in rows)
+    mean = (reports["fr"][0]["wer"] + reports["es"][0]["wer"]) / 2
+    assert f"mean WER {mean:.2f}% over fr, es" in proc.stdout
+    proc = run_cli("evaluate", "--model", str(tiny_model), "--shards", str(demo_shards["shards"]),
+                   str(demo_shards["shards_es"]), "--language", "fr", check=False)
+    assert proc.returncode == 2 and "--language is for one shards folder" in proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import webdataset as wds
 
 from launcher import audio, features
 from launcher.text import clean_transcript
-from tests.conftest import REPO, run_cli
+from tests.conftest import DEMO, REPO, run_cli, second_language_corpus
 
 EXPECTED_DROPS = {"bad_tsv_row": 1, "duplicate": 2, "empty_audio": 1, "empty_text": 1, "missing_audio": 1,
                   "too_long": 1, "unreadable_audio": 1}
@@ -171,3 +172,26 @@ def test_bad_arguments_fail_with_a_clear_message(cv_release, tmp_path, argv, mes
     args = ["shard", "--lang", "fr", "--source", str(cv_release), "--out", str(tmp_path / "o"), *argv]
     proc = run_cli(*args, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_command_shards_several_languages_into_a_folder_each_with_one_table(tmp_path):
+    """A release holding fr/ and es/ (`second_language_corpus`: 20 train clips): --lang fr,es writes OUT/fr and
+    OUT/es, each index naming its language, and ends with one table of both."""
+    root = tmp_path / "release"
+    shutil.copytree(DEMO, root / "fr")
+    second_language_corpus(root, "es")
+    out = tmp_path / "shards"
+    proc = run_cli("shard", "--lang", "fr,es", "--source", f"cv:{root}", "--out", str(out), "--workers", "0")
+    indexes = {lang: json.loads((out / lang / "index.json").read_text()) for lang in ("fr", "es")}
+    assert {lang: i["source"]["language"] for lang, i in indexes.items()} == {"fr": "fr", "es": "es"}
+    assert indexes["es"]["splits"]["train"]["samples"] == 20
+    assert indexes["fr"]["splits"]["train"]["samples"] == 44
+    header = next(line for line in proc.stderr.splitlines() if "┃" in line)
+    assert header.split("┃")[1].strip() == "language"
+    rows = [line.split("│")[1].strip() for line in proc.stderr.splitlines() if "│" in line]
+    assert rows == ["fr"] * 3 + ["es"] * 3, "one table of both languages"
+    assert "fr: dropped 3 clip(s)" in " ".join(proc.stderr.split())
+    for bad, message in ((["--lang", "fr,fr"], "each once"),
+                         (["--lang", "fr,es", "--source", "manifest:x.jsonl"], "holds one language")):
+        proc = run_cli("shard", *bad, "--out", str(tmp_path / "x"), check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
