@@ -1,4 +1,5 @@
-"""`python -m launcher <command>`: the verbs mirror what a user does (shard, inspect, demo, ...)."""
+"""`python -m launcher <command>`: the verbs mirror what a user does (shard, inspect, train via launch, evaluate,
+export, push, demo, ...)."""
 
 from __future__ import annotations
 
@@ -159,6 +160,23 @@ def _launch(args: argparse.Namespace) -> int:
         time=args.time, write=args.write, run=args.run))
 
 
+def _export(args: argparse.Namespace) -> int:
+    from launcher.export import run_export
+
+    print(f"converting {args.model} to {args.format} ({args.quantization}) ...", file=sys.stderr)
+    out = run_export(Path(args.model), args.format, args.quantization, Path(args.out) if args.out else None)
+    print(f"written: {out}  (faster-whisper: WhisperModel({str(out)!r}); the decoding it was scored with: "
+          f"{out / 'whisper_launcher.json'})")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from launcher.push import push
+
+    push(Path(args.folder), args.repo, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from launcher.demo import run_demo
 
@@ -279,6 +297,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", metavar="FILE", help="slurm: write the sbatch script to FILE instead of stdout")
     p.add_argument("--run", action="store_true", help="run the command instead of printing it (slurm: sbatch it)")
     p.set_defaults(func=_launch)
+
+    p = sub.add_parser("export", help="a delivered model for deployment: CTranslate2 (faster-whisper)",
+                       description="Convert a run's final/ (or any Hugging Face Whisper folder) with CTranslate2's "
+                                   "converter, copying the tokenizer and preprocessor config faster-whisper needs and "
+                                   "the decoding the model was scored with (whisper_launcher.json, README.md).")
+    p.add_argument("model", help="a run folder (its final/ is exported) or a Hugging Face model folder")
+    p.add_argument("--format", default="ct2", choices=["ct2"], help="ct2: CTranslate2 / faster-whisper")
+    p.add_argument("--quantization", default="float16", choices=["float32", "float16", "int8_float16", "int8"],
+                   help="weights' type (default float16 for GPUs; int8 for CPUs)")
+    p.add_argument("--out", help="default: RUN/export/final-ct2-<quantization>, or beside the model folder")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("push", help="upload a delivered model (or an export) to the Hugging Face Hub",
+                       description="Upload a run's final/ (or an export folder) with its model card; the token from "
+                                   "HF_TOKEN or `hf auth login`, never printed. Rerun to resume an interrupted upload.")
+    p.add_argument("folder", help="a run folder (its final/ is pushed), a model folder or an export folder")
+    p.add_argument("--repo", required=True, help="OWNER/NAME on the Hub (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    p.add_argument("--dry-run", action="store_true", help="list the files and show the card; upload nothing")
+    p.set_defaults(func=_push)
 
     p = sub.add_parser("demo", help="the whole flow on the small bundled corpus, on the CPU")
     p.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")

@@ -44,15 +44,16 @@ def demo_sentences(corpus: Path = DEMO_CORPUS) -> list[str]:
     return sentences
 
 
-def language_tokens() -> list[str]:
+def language_tokens(v2: bool = False) -> list[str]:
+    """transformers' 100 language tokens (large-v3's); `v2`: the 99 of Whisper v1/v2 (without Cantonese)."""
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-    return [f"<|{code}|>" for code in LANGUAGES]
+    return [f"<|{code}|>" for code in LANGUAGES if not (v2 and code == "yue")]
 
 
-def special_tokens() -> list[str]:
+def special_tokens(v2: bool = False) -> list[str]:
     """Whisper's special tokens in Whisper's order (without the timestamp tokens)."""
-    return [EOT, SOT, *language_tokens(), "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
+    return [EOT, SOT, *language_tokens(v2), "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
             "<|nocaptions|>", "<|notimestamps|>"]
 
 
@@ -77,22 +78,32 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tuple[dict[str, int], li
     return model["vocab"], [tuple(merge) for merge in model["merges"]]
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int) -> WhisperTokenizer:
+WHISPER_EOT_ID = 50257  # <|endoftext|> in every Whisper vocabulary
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int, whisper_ids: bool = False) -> WhisperTokenizer:
+    """`whisper_ids`: unused entries fill the BPE part up to Whisper's 50257 text tokens (the last one empty, as in
+    multilingual Whisper) and the languages are v2's 99, so every token has its id in multilingual Whisper v2 (51865
+    in all), which converters that recognise a multilingual Whisper by its vocabulary (CTranslate2, whisper.cpp)
+    need."""
     from tokenizers import AddedToken
     from transformers import WhisperTokenizer
 
     vocab, merges = train_bpe(texts, vocab_size)
+    if whisper_ids:  # never produced: no merge leads to them; multilingual Whisper's id 50256 is the empty token
+        vocab = {**vocab, **{f"<unused{i}>": i for i in range(len(vocab), WHISPER_EOT_ID - 1)}, "": WHISPER_EOT_ID - 1}
     tokenizer = WhisperTokenizer(vocab=vocab, merges=merges, unk_token=EOT, bos_token=EOT, eos_token=EOT,
                                  pad_token=EOT)
     # <|endoftext|> is already added (as eos); the rest follow it in order, so ids are len(vocab) + position
-    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens()[1:]})
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens(v2=whisper_ids)[1:]})
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False)
                           for t in timestamp_tokens()])
     return tokenizer
 
 
 def special_ids(tokenizer: WhisperTokenizer) -> dict[str, int]:
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special_tokens()}
+    v2 = "<|yue|>" not in tokenizer.get_vocab()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special_tokens(v2)}
     expected = list(range(ids[EOT], ids[EOT] + len(ids)))
     if list(ids.values()) != expected:
         raise RuntimeError(f"special tokens are not consecutive in Whisper's order: {ids}")
@@ -119,7 +130,7 @@ def build_generation_config(ids: dict[str, int]) -> GenerationConfig:
     eot = ids[EOT]
     return GenerationConfig(
         decoder_start_token_id=ids[SOT], bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, max_length=448,
-        is_multilingual=True, lang_to_id={token: ids[token] for token in language_tokens()},
+        is_multilingual=True, lang_to_id={token: ids[token] for token in language_tokens() if token in ids},
         task_to_id={task: ids[f"<|{task}|>"] for task in TASKS}, no_timestamps_token_id=ids["<|notimestamps|>"],
         prev_sot_token_id=ids["<|startofprev|>"], forced_decoder_ids=None, suppress_tokens=[],
         begin_suppress_tokens=[eot], max_initial_timestamp_index=50)
@@ -127,20 +138,20 @@ def build_generation_config(ids: dict[str, int]) -> GenerationConfig:
 
 def build_tiny_whisper(out: Path, *, n_mels: int = 80, texts: Iterable[str] | None = None, vocab_size: int = 400,
                        seed: int = 0, d_model: int = 64, layers: int = 2, heads: int = 4,
-                       model_vocab_size: int | None = None) -> Path:
+                       model_vocab_size: int | None = None, whisper_ids: bool = False) -> Path:
     """Write a tiny random Whisper folder to `out` and return `out`.
 
     `texts` trains the tokenizer (default: the bundled French corpus's sentences); `vocab_size` bounds the BPE
     tokens only (fewer when the texts run out of pairs to merge), the special tokens come after them.
     `model_vocab_size` pads the model's embedding and output rows beyond the tokenizer's (large-v3 has 51866) for
-    models that must have a real Whisper's shape; those ids decode to nothing. Same arguments, same tokenizer files
-    and weights.
+    models that must have a real Whisper's shape; those ids decode to nothing. `whisper_ids` gives every token its
+    id in Whisper (`build_tokenizer`). Same arguments, same tokenizer files and weights.
     """
     import torch
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     out = Path(out)
-    tokenizer = build_tokenizer(demo_sentences() if texts is None else texts, vocab_size)
+    tokenizer = build_tokenizer(demo_sentences() if texts is None else texts, vocab_size, whisper_ids)
     ids = special_ids(tokenizer)
     if model_vocab_size is not None and model_vocab_size < len(tokenizer):
         raise ValueError(f"model_vocab_size {model_vocab_size} is less than the tokenizer's {len(tokenizer)} tokens")
