@@ -222,6 +222,17 @@ def mean_wer(reports: dict[str, dict]) -> float:
     return sum(r["wer"] for r in reports.values()) / len(reports)
 
 
+def write_mean_report(out_dir: Path, split: str, step: int | None, reports: dict[str, dict]) -> Path:
+    """<split>-mean[-step-N].json beside the languages' reports: each one's scores and the mean WER."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"split": split, "step": step, "wer_mean": mean_wer(reports),
+               "languages": {lang: {k: r[k] for k in ("split", "wer", "wer_orthographic", "cer", "scored", "samples")}
+                             for lang, r in reports.items()}}
+    path = out_dir / f"{report_name(f'{split}-mean', step)}.json"
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
 def report_name(split: str, step: int | None) -> str:
     return f"{split}-step-{step}" if step is not None else split
 
@@ -314,4 +325,8 @@ def run_standalone(model_name: str, shards_dirs: list[Path], split: str, *, batc
                                      dtype=dtype, out_dir=out_dir or default_report_dir(model_name),
                                      model_name=model_name, progress=advance, long_form=long_form)
     shutdown_distributed()
-    return reports if rank == 0 else None
+    if rank != 0:
+        return None
+    if len(reports) > 1:
+        write_mean_report(out_dir or default_report_dir(model_name), split, None, reports)
+    return reports

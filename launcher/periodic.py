@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from launcher.checkpoint import LoopState, export_hf, load_weights, tag
-from launcher.evaluate import EvalItem, clips_on_rank, evaluate, mean_wer, scan_split, split_label
+from launcher.evaluate import EvalItem, clips_on_rank, evaluate, mean_wer, scan_split, split_label, write_mean_report
 from launcher.mixing import LanguageSet
 from launcher.model import DecodeSettings
 from launcher.recipe import Recipe, recipe_yaml, whisper_language_code
@@ -94,6 +94,8 @@ class PeriodicEval:
             mean = mean_wer(reports)
             self.logger.print(f"step {step}: {split} mean WER {mean:.2f}% over {', '.join(reports)}")
             self.logger.scalars(f"eval/{split}", step, {"wer_mean": mean})
+            if self.logger.enabled:
+                write_mean_report(self.run_dir / "eval", split, step, reports)
         return reports
 
     def selection_wer(self, reports: dict[str, dict]) -> float:
@@ -142,5 +144,6 @@ class PeriodicEval:
                                       f"{selected}")
                 if self.several:
                     self.logger.print(f"test mean WER {mean_wer(tests):.2f}% over {', '.join(tests)}")
+                    write_mean_report(self.run_dir / "eval", "test", step, tests)
             self.logger.print(f"done: {loop.step} steps. Model: {final}  log: {self.run_dir / 'train_log.jsonl'}")
 

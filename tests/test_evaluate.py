@@ -141,6 +141,7 @@ def test_several_shard_folders_are_scored_each_with_its_own_language_and_their_m
         assert all(f"_{lang}_" in row["id"] for row in rows)
     mean = (reports["fr"][0]["wer"] + reports["es"][0]["wer"]) / 2
     assert f"mean WER {mean:.2f}% over fr, es" in proc.stdout
+    assert json.loads((out / "test-mean.json").read_text())["wer_mean"] == pytest.approx(mean)
     proc = run_cli("evaluate", "--model", str(tiny_model), "--shards", str(demo_shards["shards"]),
                    str(demo_shards["shards_es"]), "--language", "fr", check=False)
     assert proc.returncode == 2 and "--language is for one shards folder" in proc.stderr

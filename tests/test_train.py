@@ -161,6 +161,8 @@ def test_two_languages_train_and_are_evaluated_reported_and_carded_each_on_their
     for step in (6, 12):
         mean = (reports[("fr", step)]["wer"] + reports[("es", step)]["wer"]) / 2
         assert f"step {step}: validation mean WER {mean:.2f}% over fr, es" in out
+        summary = json.loads((run_dir / "eval" / f"validation-mean-step-{step}.json").read_text())
+        assert summary["wer_mean"] == pytest.approx(mean) and set(summary["languages"]) == {"fr", "es"}
     best = min((6, 12), key=lambda s: ((reports[("fr", s)]["wer"] + reports[("es", s)]["wer"]) / 2, -s))
     loop = json.loads((run_dir / "checkpoints" / "step-12" / "loop.json").read_text())
     assert loop["best"][0][1] == best
