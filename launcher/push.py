@@ -66,7 +66,6 @@ def push(path: Path, repo: str, *, private: bool = False, revision: str | None =
         out(card)
         return files
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
     try:
@@ -76,7 +75,9 @@ def push(path: Path, repo: str, *, private: bool = False, revision: str | None =
         api.upload_folder(repo_id=repo, folder_path=folder, revision=revision,
                           ignore_patterns=[f"{s}*" for s in SKIPPED] + [f"*/{s}*" for s in SKIPPED],
                           commit_message=f"Upload {folder.name} with whisper-launcher")
-    except HfHubHTTPError as e:  # the message names the cause (no token, no write access, ...), never the token
-        raise LauncherError(f"upload to {repo} failed: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - no token, no write access, no network: one line naming the cause (the
+        # hub's messages never hold the token); rerunning resumes
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise LauncherError(f"upload to {repo} failed: {type(e).__name__}: {first} (rerun to resume)") from None
     out(f"done: https://huggingface.co/{repo}")
     return files
