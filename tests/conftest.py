@@ -189,6 +189,11 @@ def run_training(recipe_overrides: list[str], *, ranks: int = 2, extra: tuple[st
     return proc
 
 
+# The tests whose premise is how the tiny model's validation WER moves over a run (an earlier best step, transcripts
+# of different lengths) were set up with the language token learnt, as every run learnt it before
+# model.train_language_token (whose default masks it with one language)
+LEARNT_LANGUAGE_TOKEN = "model.train_language_token=true"
+
 # 8 clips (the demo's validation split), one step per epoch with 2 ranks x 4
 SMALL_FIXED_SET = ("data.train_split=validation", "eval.max_new_tokens=20")
 
@@ -203,10 +208,10 @@ def run_overrides(tiny_model: Path, shards: Path, run_dir: Path, *extra: str) ->
 def zero2_run(tiny_model, demo_shards, tmp_path_factory) -> Path:
     """2 ranks, ZeRO-2, 120 steps on the 8 validation clips: a model that has learnt them, so that (unlike the random
     tiny model, which decodes the same tokens for everything) it decodes transcripts of different lengths for
-    different clips. Its final/ serves the evaluation tests."""
+    different clips. Its final/ serves the evaluation tests. Its language token is learnt (LEARNT_LANGUAGE_TOKEN)."""
     run_dir = tmp_path_factory.mktemp("zero2") / "run"
     run_training(run_overrides(tiny_model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET, "optim.max_steps=120",
-                               "checkpoint.every_steps=60", "logging.every_steps=10"))
+                               "checkpoint.every_steps=60", "logging.every_steps=10", LEARNT_LANGUAGE_TOKEN))
     return run_dir
 
 

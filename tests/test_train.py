@@ -14,6 +14,7 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipe
 from launcher import audio
 from tests.conftest import (
     DEMO,
+    LEARNT_LANGUAGE_TOKEN,
     REPO,
     SMALL_FIXED_SET,
     cpu_env,
@@ -113,7 +114,7 @@ def test_periodic_eval_under_zero3_keeps_the_best_by_wer_and_cards_the_final_mod
     run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET, "deepspeed.zero_stage=3",
                            "optim.max_steps=24", "eval.every_steps=8", "eval.splits=[validation]",
                            "checkpoint.every_steps=0", "checkpoint.keep_last=1", "checkpoint.keep_best=1",
-                           "logging.every_steps=8"))
+                           "logging.every_steps=8", LEARNT_LANGUAGE_TOKEN))
     reports = {step: json.loads((run_dir / "eval" / f"validation-step-{step}.json").read_text())
                for step in (8, 16, 24)}
     assert all(r["samples"] == 8 and r["world_size"] == 2 for r in reports.values())
@@ -194,7 +195,7 @@ def test_the_best_checkpoint_of_two_zero3_ranks_is_delivered_by_one(zero2_run, d
     args = overrides(zero2_run / "final", demo_shards["shards"], run_dir, "deepspeed.zero_stage=3",
                      "eval.every_steps=4", "eval.splits=[validation]", "eval.test_at_end=false",
                      "eval.max_new_tokens=20", "checkpoint.every_steps=0", "checkpoint.keep_last=1",
-                     "checkpoint.keep_best=1", "logging.every_steps=4", "optim.warmup_steps=1")
+                     "checkpoint.keep_best=1", "logging.every_steps=4", "optim.warmup_steps=1", LEARNT_LANGUAGE_TOKEN)
     run_training([*args, "optim.max_steps=8"])
     run_training([*args, "optim.max_steps=12"], ranks=1, extra=("--resume",))
     reports = {step: json.loads((run_dir / "eval" / f"validation-step-{step}.json").read_text())
