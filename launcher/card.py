@@ -11,7 +11,7 @@ CV11 = "mozilla-foundation/common_voice_11_0"
 TASK = "automatic-speech-recognition"
 
 
-def dataset_of(source: dict, language: str) -> tuple[str, str]:
+def dataset_of(source: dict) -> tuple[str, str]:
     """(dataset id, display name) of a shard set's source (index.json)."""
     location = str(source.get("location", ""))
     if source.get("kind") in ("cv-hub", "cv") and ("common_voice_11" in location or source.get("kind") == "cv-hub"):
@@ -26,7 +26,7 @@ def eval_results(sets, reports: dict[str, dict]) -> list:
     out = []
     for s in sets:
         report = reports[s.language]
-        dataset, name = dataset_of(s.index.source, s.language)
+        dataset, name = dataset_of(s.index.source)
         common = {"task_type": TASK, "task_name": "Automatic Speech Recognition", "dataset_type": dataset,
                   "dataset_name": name, "dataset_config": s.language, "dataset_split": "test",
                   "dataset_args": {"language": s.language} if dataset == CV11 else None}
@@ -42,9 +42,11 @@ def model_card(*, name: str, base_model: str, sets, reports: dict[str, dict], st
     """The card as a huggingface_hub ModelCard (not yet written)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from launcher.evaluate import mean_wer
+
     languages = [s.language for s in sets]
     data = ModelCardData(model_name=name, base_model=base_model, language=languages,
-                         datasets=sorted({dataset_of(s.index.source, s.language)[0] for s in sets}),
+                         datasets=sorted({dataset_of(s.index.source)[0] for s in sets}),
                          metrics=["wer", "cer"], tags=["whisper", TASK, "whisper-launcher"], pipeline_tag=TASK,
                          library_name="transformers", eval_results=eval_results(sets, reports))
     rows = "\n".join(f"| {lang} | {r['split']} | {r['wer']:.2f} | {r['wer_orthographic']:.2f} | {r['cer']:.2f} | "
@@ -52,7 +54,7 @@ def model_card(*, name: str, base_model: str, sets, reports: dict[str, dict], st
     mean = ""
     if len(reports) > 1:
         mean = (f"\nMean WER over the {len(reports)} languages (each counting once): "
-                f"{sum(r['wer'] for r in reports.values()) / len(reports):.2f}.\n")
+                f"{mean_wer(reports):.2f}.\n")
     recipe = (f"\n## Recipe\n\n<details><summary>the recipe this model was trained with</summary>\n\n```yaml\n"
               f"{recipe_text.rstrip()}\n```\n\n</details>\n") if recipe_text else ""
     body = f"""# {name}

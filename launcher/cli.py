@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from launcher.errors import LauncherError
+from launcher.export import QUANTIZATIONS
 
 
 def _shard(args: argparse.Namespace) -> int:
@@ -84,16 +85,13 @@ def _validate(args: argparse.Namespace) -> int:
                                                    d_model=config.get("d_model"))))
     global_batch = recipe.data.batch_size_per_gpu * recipe.optim.grad_accum * world
     split = recipe.data.train_split
-    sizes = [s.index.samples(split) for s in sets]
-    samples = sum(sizes)
+    samples = sum(s.index.samples(split) for s in sets)
     if len(sets) > 1:
-        from launcher.mixing import quotas, shares
+        from launcher.mixing import Mix
 
-        mix = quotas(shares(sizes, [s.weight for s in sets], recipe.data.mix_temperature), samples)
+        mix = Mix.of(sets, split, recipe.data.mix_temperature, seed=recipe.seed, shuffle=recipe.data.shuffle)
         console.rule("mix")
-        console.print(f"each epoch of {samples:,} clips holds " + ", ".join(
-            f"{s.language} {q:,} ({100 * q / samples:.1f}%, {q / n:.2f} of its {n:,} clips)"
-            for s, q, n in zip(sets, mix, sizes, strict=True)))
+        console.print(mix.describe([s.language for s in sets]))
     pack = recipe.data.pack
     if pack.enabled and samples:  # a sample is a window: about this many clips (a window closes before the next)
         clip_s = sum(s.index.data["splits"][split]["seconds"] for s in sets) / samples
@@ -304,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the decoding the model was scored with (whisper_launcher.json, README.md).")
     p.add_argument("model", help="a run folder (its final/ is exported) or a Hugging Face model folder")
     p.add_argument("--format", default="ct2", choices=["ct2"], help="ct2: CTranslate2 / faster-whisper")
-    p.add_argument("--quantization", default="float16", choices=["float32", "float16", "int8_float16", "int8"],
+    p.add_argument("--quantization", default="float16", choices=QUANTIZATIONS,
                    help="weights' type (default float16 for GPUs; int8 for CPUs)")
     p.add_argument("--out", help="default: RUN/export/final-ct2-<quantization>, or beside the model folder")
     p.set_defaults(func=_export)

@@ -162,11 +162,11 @@ class ShardStream(IterableDataset):
                  skip_batches: int = 0, verify: bool = False, on_bad_data: str = "skip",
                  pack: PackSettings | None = None, timestamp_probability: float = 0.0,
                  prompt_probability: float = 0.0, languages: Sequence[str] | None = None):
-        """`sets`: the run's `Mix`, or one set's shards; `languages`: each set's language (default: the label
-        encoder's)."""
+        """`sets`: the run's `Mix`, or one set's shards; `languages`: each set's Whisper language code (default: the
+        label encoder's language for every set)."""
         self.mix = sets if isinstance(sets, Mix) else Mix([sets], [1.0], seed=seed, shuffle=shuffle)
         self.labels = labels
-        self.languages = list(languages) if languages else [labels.language] * len(self.mix.sets)
+        self.languages = list(languages) if languages else [None] * len(self.mix.sets)
         self.pack = pack
         self.timestamp_probability, self.prompt_probability = timestamp_probability, prompt_probability
         self._warned_no_speaker = False

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from launcher.errors import LauncherError
+from launcher.labels import MAX_LABEL_TOKENS
 
 QUANTIZATIONS = ("float32", "float16", "int8_float16", "int8")
 NEEDED = ("config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json")
@@ -48,7 +49,6 @@ def decoding(model_dir: Path) -> dict:
 
 
 PROMPT_TOKENS = 4  # <|startoftranscript|><|lang|><|task|><|notimestamps|>
-MAX_LENGTH = 448  # the decoder's positions
 
 
 def faster_kwargs(settings: dict) -> dict:
@@ -63,7 +63,7 @@ def faster_kwargs(settings: dict) -> dict:
             "best_of": 1, "temperature": 0.0, "without_timestamps": True, "condition_on_previous_text": False,
             "compression_ratio_threshold": None, "log_prob_threshold": None, "no_speech_threshold": None,
             "vad_filter": False, "suppress_tokens": settings["suppress_tokens"],
-            "max_new_tokens": min(2 * new - PROMPT_TOKENS, MAX_LENGTH - PROMPT_TOKENS) if new else None}
+            "max_new_tokens": min(2 * new - PROMPT_TOKENS, MAX_LABEL_TOKENS - PROMPT_TOKENS) if new else None}
 
 
 def _card(model_dir: Path, out: Path, quantization: str, settings: dict) -> None:

@@ -47,7 +47,6 @@ class LabelEncoder:
                  vocab_size: int | None = None, max_tokens: int = MAX_LABEL_TOKENS):
         tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
         self.task_tokens = tokenizer.prefix_tokens[1:3]  # [<|lang|>, <|task|>] after <|startoftranscript|>
-        self.language = language
         self._language_ids: dict[str, int] = {}
         self.start = tokenizer.prefix_tokens[0]
         self.no_timestamps = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
@@ -97,8 +96,7 @@ class LabelEncoder:
     def window(self, segments: list[Segment], *, timestamps: bool, language: str | None = None) -> list[int]:
         """Labels of a window of clips: its language's token (the encoder's default when None), the task, the
         texts in the plain or the timestamp layout."""
-        head = self.task_tokens if language is None or language == self.language else \
-            [self.language_id(language), self.task_tokens[1]]
+        head = [self.task_tokens[0] if language is None else self.language_id(language), self.task_tokens[1]]
         if not timestamps:
             return [*head, self.no_timestamps, *(t for s in segments for t in s.text_ids), self.eot]
         ids = list(head)

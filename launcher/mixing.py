@@ -96,6 +96,22 @@ class Mix:
         self.set_of, self.index_in_set = which[order], index[order]
         self._orders: dict[tuple[int, int], tuple[list[Shard], np.ndarray]] = {}
 
+    @classmethod
+    def of(cls, sets: Sequence[LanguageSet], split: str, temperature: float | None, *, seed: int,
+           shuffle: bool) -> Mix:
+        """The mix of a run's sets (`recipe.check_against_data_and_model`) on its training split."""
+        from launcher.data import train_shards
+
+        parts = [train_shards(s.index, split) for s in sets]
+        sizes = [sum(sh.samples for sh in part) for part in parts]
+        return cls(parts, shares(sizes, [s.weight for s in sets], temperature), seed=seed, shuffle=shuffle)
+
+    def describe(self, languages: Sequence[str]) -> str:
+        """One line: each language's samples in an epoch, its share, and how much of a pass over it that is."""
+        return f"each epoch of {self.total:,} samples holds " + ", ".join(
+            f"{lang} {q:,} ({100 * q / self.total:.1f}%, {q / n:.2f} of a pass)"
+            for lang, q, n in zip(languages, self.quotas, self.sizes, strict=True))
+
     def pass_order(self, s: int, p: int) -> tuple[list[Shard], np.ndarray]:
         """Set s's shards in pass p's order, and where each one's samples start in the pass."""
         if (s, p) not in self._orders:

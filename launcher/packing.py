@@ -75,7 +75,7 @@ class Packer:
     def _key(self, clip: ClipRef) -> str:
         """The open window a clip may join: one per language, and per speaker with same_speaker."""
         if not self.settings.same_speaker:
-            return f"{clip.language}"
+            return str(clip.language)
         return f"{clip.language}:speaker:{clip.speaker}" if clip.speaker else f"clip:{clip.id}"
 
     def _room(self, window: Window, clip: ClipRef) -> int | None:

@@ -87,7 +87,7 @@ class PeriodicEval:
                               f"CER {r['cer']:.2f}%) on {r['scored']} clips")
             scalars = {k: r[k] for k in ("wer", "wer_orthographic", "cer")}
             if long_form:
-                scalars["wer_long"] = r["wer_long"] = self._long_form(s, split, step, max_samples)["wer"]
+                scalars["wer_long"] = self._long_form(s, split, step, max_samples)["wer"]
             self.logger.scalars(f"eval/{name}", step, scalars)
             reports[s.language] = r
         if self.several:

@@ -86,7 +86,6 @@ class DataSection(Section):
         "skip", description="a shard failing its sha256, a truncated tar or an unreadable sample: skip it (named "
                             "in the log, counted) or stop the run")
     pack: PackSection = PackSection()
-
     timestamp_probability: Probability = Field(
         0.0, description="share of training samples whose labels carry each clip's start and end timestamps "
                          "(Whisper's timestamp tokens) instead of <|notimestamps|>; keeps timestamp prediction")

@@ -78,7 +78,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tuple[dict[str, int], li
     return model["vocab"], [tuple(merge) for merge in model["merges"]]
 
 
-WHISPER_EOT_ID = 50257  # <|endoftext|> in every Whisper vocabulary
+WHISPER_EOT_ID = 50257  # <|endoftext|> in multilingual Whisper (English-only models: 50256)
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int, whisper_ids: bool = False) -> WhisperTokenizer:

@@ -250,10 +250,9 @@ def train(recipe: Recipe, sets: list, model_config: dict, resume: bool = False) 
         loader_state,
         resume_position,
         train_loader,
-        train_shards,
     )
     from launcher.labels import LabelEncoder
-    from launcher.mixing import Mix, shares
+    from launcher.mixing import Mix
     from launcher.model import DTYPES, load_model
     from launcher.packing import PackSettings
     from launcher.periodic import PeriodicEval
@@ -294,9 +293,7 @@ def train(recipe: Recipe, sets: list, model_config: dict, resume: bool = False) 
     loop = LoopState(world_size=world)
     samples_log = run_dir / "samples" / f"rank-{rank}.jsonl" if recipe.logging.sample_ids else None
     data = recipe.data
-    parts = [train_shards(s.index, data.train_split) for s in sets]
-    mix = Mix(parts, shares([sum(sh.samples for sh in p) for p in parts], [s.weight for s in sets],
-                            data.mix_temperature), seed=recipe.seed, shuffle=data.shuffle)
+    mix = Mix.of(sets, data.train_split, data.mix_temperature, seed=recipe.seed, shuffle=data.shuffle)
     total = mix.total
     workers = max(recipe.data.num_workers, 1)
     plan, trained, skip = DataPlan(), TrainedPositions(workers, 0), 0
@@ -340,10 +337,8 @@ def train(recipe: Recipe, sets: list, model_config: dict, resume: bool = False) 
             f", written by {point.world_size} ranks, on {world}: the rest of epoch {plan.start_epoch} onwards is "
             f"re-planned" if regrouped else ""))
     if len(sets) > 1:
-        logger.print(f"mix: each epoch of {mix.total:,} samples holds " + ", ".join(
-            f"{s.language} {q:,} ({100 * q / mix.total:.1f}%, {q / n:.2f} of a pass)"
-            for s, q, n in zip(sets, mix.quotas, mix.sizes, strict=True))
-            + f"; language token {'learnt' if learn_language else 'not learnt'}")
+        logger.print(f"mix: {mix.describe([s.language for s in sets])}; language token "
+                     f"{'learnt' if learn_language else 'not learnt'}")
     evaluator = PeriodicEval(recipe, sets, engine, processor, device, dtype, logger, watchdog)
 
     def save() -> None:
