@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -19,12 +19,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -c "from launcher.distributed import build_cpu_ops; build_cpu_ops()"
 	touch $(STAMP)
 
 demo: setup
 	$(PY) -m launcher demo
 
+# the suite (CI runs this); `test-all` adds the tests marked `long` (a dry run of bench/gpu_check.sh)
 test: setup
+	$(PY) -m pytest -q -m "not long"
+
+test-all: setup
 	$(PY) -m pytest -q
 
 lint: setup

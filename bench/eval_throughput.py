@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Evaluation speed: this project's `launcher.evaluate.evaluate` on shards against the batched transformers ASR
+"""Evaluation speed: this project's `launcher.evaluation.run.evaluate` on shards against the batched transformers ASR
 pipeline on the same clips' raw audio, same model, same greedy decoding, in one run.
 
 This project: `scan_split(index, split)` then `evaluate(model, tokenizer, items, DecodeSettings(...), ...)` on one
@@ -36,15 +36,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from launcher.demo import DEMO_CORPUS  # noqa: E402
+from launcher.assets import DEMO_CORPUS
+from launcher.testing.commands import REPO
 
 # random models: (n_mels, d_model, encoder + decoder layers each, heads); the MLP is 4 x d_model, as in Whisper
 RANDOM_SIZES = {"tiny": (80, 64, 2, 4), "base": (80, 512, 6, 8), "small": (80, 768, 12, 12),
@@ -114,11 +111,12 @@ def main() -> None:
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
 
-    from launcher.evaluate import evaluate, scan_split
+    from launcher.evaluation.items import scan_split
+    from launcher.evaluation.run import evaluate
     from launcher.features import log_mel_spectrogram
     from launcher.model import DTYPES, DecodeSettings
-    from launcher.shard import ShardSettings, shard_corpus
-    from launcher.shards import load_index
+    from launcher.shards.build import ShardSettings, shard_corpus
+    from launcher.shards.format import load_index
     from launcher.sources import open_source
     from launcher.tiny_model import build_tiny_whisper
 

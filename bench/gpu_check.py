@@ -46,15 +46,11 @@ from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-import flops as flop_count  # noqa: E402
-from train_throughput import H100_DENSE_16BIT_TFLOPS  # noqa: E402
-
-from launcher.demo import DEMO_CORPUS, DEMO_RECIPE  # noqa: E402
-from launcher.launch import free_port  # noqa: E402
+from launcher.assets import DEMO_CORPUS, DEMO_RECIPE
+from launcher.testing import flops as flop_count
+from launcher.testing.commands import REPO
+from launcher.testing.env import free_port, rank_env
+from launcher.testing.flops import H100_DENSE_16BIT_TFLOPS
 
 RESULTS = REPO / "bench" / "results"
 
@@ -197,7 +193,7 @@ def build(profile: Profile, work: Path, gpu: bool) -> dict:
     import torch
     from safetensors import safe_open
 
-    from launcher.shard import ShardSettings, shard_corpus
+    from launcher.shards.build import ShardSettings, shard_corpus
     from launcher.sources.common_voice import CommonVoiceRelease
     from launcher.tiny_model import build_tiny_whisper
 
@@ -379,9 +375,7 @@ def main() -> int:
         notes.append(f"{work} has {shutil.disk_usage(work).free / 1e9:.0f} GB free, less than the {need / 1e9:.0f} "
                      f"GB two checkpoints need: evaluating (and saving) at step {profile.steps} only")
     log = work / "gpu_check.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    if not gpu:
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = rank_env(gpu)
     results = {"benchmark": "gpu_check", "mode": "gpu" if gpu else "cpu", "date": time.strftime("%Y-%m-%d %H:%M"),
                **device_info(gpu), "ranks": ranks, "profile": asdict(profile), "budget_s": budget,
                "work": str(work), "notes": notes, "parts": {}, "complete": False}

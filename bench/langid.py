@@ -38,36 +38,22 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-import packing  # noqa: E402
-from zero_shot_parity import CACHE, ensure_corpus, ensure_model, project_shard  # noqa: E402
+from launcher.testing import assets, realruns
+from launcher.testing.commands import REPO, TINY_RECIPE
 
 RESULTS = REPO / "bench" / "results" / "langid.json"
-WORK = CACHE / "langid-runs"  # kept: --detect-only re-scores these
+WORK = assets.BENCH_CACHE / "langid-runs"  # kept: --detect-only re-scores these
 ARMS = {"token-trained": "model.train_language_token=true", "token-masked": "model.train_language_token=false"}
 
 
 def arm_overrides(arm: str, lr: float) -> list[str]:
-    """What an arm adds to bench/packing.py's COMMON overrides (a later --set wins, so the lr replaces its 1e-5)."""
-    return ["data.pack.enabled=false", f"optim.lr={lr}", ARMS[arm]]
-
-
-def ensure_spanish_shards(clips: int) -> Path:
-    """The Spanish corpus, synthesised and sharded once into bench/.cache/ (the German one: bench/packing.py)."""
-    corpus = ensure_corpus(None, "es", clips)
-    out = CACHE / f"{corpus.name}-shards"
-    if not (out / "index.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        project_shard(corpus, "es", None, 80, out)
-    return out
+    """What an arm adds to the benchmarks' common overrides (`realruns.COMMON`; a later --set wins, so the lr
+    replaces its 1e-5)."""
+    return ["model.language=de", "data.pack.enabled=false", f"optim.lr={lr}", ARMS[arm]]
 
 
 ENCODED: dict = {}  # (encoder weights' digest, language) -> encoder outputs per batch: a frozen encoder's are reused
@@ -85,9 +71,9 @@ def detect(model_dir: Path, shards: dict[str, Path], clips: int, batch: int = 16
     import torch
     from transformers import WhisperForConditionalGeneration
 
-    from launcher.evaluate import scan_split
+    from launcher.evaluation.items import scan_split
     from launcher.features import pad_batch, stack_features
-    from launcher.shards import load_index
+    from launcher.shards.format import load_index
 
     model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     lang_ids = model.generation_config.lang_to_id  # {"<|de|>": id}
@@ -118,15 +104,14 @@ def detect(model_dir: Path, shards: dict[str, Path], clips: int, batch: int = 16
 
 
 def train_arms(model: Path, de_shards: Path, steps: int, lr: float) -> dict:
-    """Both arms, one after the other, with bench/packing.py's trainer (the arms registered with it)."""
+    """Both arms, one after the other (`realruns.train`)."""
     shutil.rmtree(WORK, ignore_errors=True)
     runs = {}
     for arm in ARMS:
         print(f"training {arm}: {steps} steps ...", flush=True)
-        packing.ARMS[arm] = arm_overrides(arm, lr)
         started = time.perf_counter()
-        log = packing.train(model, de_shards, WORK / arm, arm, steps)
-        runs[arm] = {**packing.throughput(log), "command_wall_s": time.perf_counter() - started,
+        log = realruns.train(model, de_shards, WORK / arm, arm_overrides(arm, lr), steps)
+        runs[arm] = {**realruns.throughput(log), "command_wall_s": time.perf_counter() - started,
                      "first_loss": log[0]["loss"]}
         print(f"  {runs[arm]}", flush=True)
     return runs
@@ -148,7 +133,7 @@ def main() -> None:
     ap.add_argument("--detect-only", action="store_true", help="re-score the runs kept in bench/.cache/langid-runs")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    for key, value in packing.env().items():
+    for key, value in realruns.env().items():
         os.environ.setdefault(key, value)
     import deepspeed
     import torch
@@ -158,15 +143,16 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    model = ensure_model(None)
-    shards = {"de": packing.ensure_shards(ensure_corpus(None, "de", 1600)), "es": ensure_spanish_shards(400)}
+    model = assets.whisper_base()
+    shards = {lang: realruns.corpus_shards(assets.synthetic_corpus(lang, clips), lang)
+              for lang, clips in (("de", 1600), ("es", 400))}
     result = {"benchmark": "langid", "date": time.strftime("%Y-%m-%d %H:%M"), "model": str(model),
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                           "transformers": transformers.__version__},
               "test_clips_max": args.clips, "shards": {k: str(v) for k, v in shards.items()},
-              "training": {"recipe": str(packing.RECIPE.relative_to(REPO)), "data": "de train split",
-                           "steps": args.steps, "lr": args.lr, "batch": 8, "common_overrides": packing.COMMON,
+              "training": {"recipe": str(TINY_RECIPE.relative_to(REPO)), "data": "de train split",
+                           "steps": args.steps, "lr": args.lr, "batch": 8, "common_overrides": list(realruns.COMMON),
                            "arm_overrides": {arm: arm_overrides(arm, args.lr) for arm in ARMS},
                            "lr_note": "1e-5 (bench/packing.py's) already moves detection: packing's 17-step German "
                                       "run (token trained) detected 12 of 50 Spanish test clips as de"},

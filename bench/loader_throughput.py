@@ -6,7 +6,7 @@ Measured: `launcher.data.train_loader` over `launcher.data.ShardStream`, exactly
 float16 frames stacked to the batch's longest clip by `launcher.data.collate` inside the workers, pinned on a GPU
 machine; the padding to Whisper's 3000 frames is done later, on the device, by the training step), reading real shards:
 `--shards DIR`, or by default the bundled French corpus sharded into a temporary folder with
-`launcher.shard.shard_corpus`. The tokenizer is the tiny model's (`launcher.tiny_model.build_tiny_whisper`, built
+`launcher.shards.build.shard_corpus`. The tokenizer is the tiny model's (`launcher.tiny_model.build_tiny_whisper`, built
 in a temporary folder; Whisper's own BPE tokenises at a similar speed).
 
 For each `--workers` count, batches are drawn for `--seconds` after the first one (the first batch, which pays for
@@ -29,15 +29,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from launcher.demo import DEMO_CORPUS  # noqa: E402
+from launcher.assets import DEMO_CORPUS
+from launcher.testing.commands import REPO
 
 TRAIN_RESULT = REPO / "bench" / "results" / "train_throughput.json"
 
@@ -57,7 +54,7 @@ def gpu_consumption(args) -> tuple[float, str, int | None]:
 
 
 def shard_demo(out: Path, n_mels: int) -> Path:
-    from launcher.shard import ShardSettings, shard_corpus
+    from launcher.shards.build import ShardSettings, shard_corpus
     from launcher.sources.common_voice import CommonVoiceRelease
 
     shard_corpus(CommonVoiceRelease(DEMO_CORPUS, "fr"), out, ShardSettings(n_mels, 2_000_000, "fr"), workers=0)
@@ -65,7 +62,7 @@ def shard_demo(out: Path, n_mels: int) -> Path:
 
 
 def measure(stream, workers: int, seconds: float, pin: bool) -> dict:
-    from launcher.data import train_loader
+    from launcher.data.loader import train_loader
 
     loader = train_loader(stream, workers, pin_memory=pin)
     start = time.perf_counter()
@@ -108,9 +105,10 @@ def main() -> None:
     import torch
     from transformers import WhisperTokenizer
 
-    from launcher.data import ShardStream, train_shards
-    from launcher.labels import LabelEncoder
-    from launcher.shards import load_index
+    from launcher.data.labels import LabelEncoder
+    from launcher.data.mixing import train_shards
+    from launcher.data.stream import ShardStream, StreamSettings
+    from launcher.shards.format import load_index
     from launcher.tiny_model import build_tiny_whisper
 
     torch.set_num_threads(1)  # a worker is one thread (DataLoader gives each worker one), so is the main process
@@ -129,8 +127,8 @@ def main() -> None:
         split = index.data["splits"][args.split]
         rows = []
         for workers in worker_counts:
-            stream = ShardStream(train_shards(index, args.split), labels, rank=0, world_size=1, seed=0, shuffle=True,
-                                 shuffle_buffer=args.shuffle_buffer, batch_size=args.batch, verify=True)
+            settings = StreamSettings(seed=0, batch_size=args.batch, shuffle_buffer=args.shuffle_buffer, verify=True)
+            stream = ShardStream(train_shards(index, args.split), labels, settings, rank=0, world_size=1)
             row = measure(stream, workers, args.seconds, pin)
             row["ratio_vs_one_gpu"] = row["samples_per_s"] / gpu_rate
             rows.append(row)

@@ -29,7 +29,7 @@ with `model.freeze_encoder=true`, and with `model.gradient_checkpointing=true`, 
 three again with glibc's mmap threshold fixed at 1 MiB (`MALLOC_MMAP_THRESHOLD_=1048576`: freed tensors go back to
 the system, so RSS follows the live bytes: the part of the peak that is glibc keeping freed heap shows as the
 difference); the tiny random model (launcher.tiny_model) for `--quick`; on a GPU also whisper-base in bf16. Shards:
-the bundled French corpus, sharded once into bench/.cache/ with launcher.shard.shard_corpus. The estimate is given
+the bundled French corpus, sharded once into bench/.cache/ (launcher.testing.assets.shards). The estimate is given
 the run's longest label batch (`label_tokens`, read from the breakdown's batches) and, for comparison, what
 `launcher validate` shows (its defaults). Prints a table and saves bench/results/memory.json; `--rescore` compares
 the saved measurements with the current `memory_estimate` without running anything.
@@ -46,7 +46,6 @@ import inspect
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,11 +55,11 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from launcher.testing import assets
+from launcher.testing.commands import REPO, deepspeed_cmd
+from launcher.testing.env import free_port, rank_env, world_of_one
 
-CACHE = REPO / "bench" / ".cache"
+CACHE = assets.BENCH_CACHE
 RESULTS = REPO / "bench" / "results" / "memory.json"
 RECIPE = REPO / "recipes" / "tiny_demo.yaml"
 GIB = 2**30
@@ -99,46 +98,12 @@ CONFIGS = [
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
 
-def ensure_base() -> Path:
-    from zero_shot_parity import ensure_model
-
-    return ensure_model(None)
-
-
-def ensure_tiny() -> Path:
-    from launcher.tiny_model import build_tiny_whisper
-
-    out = CACHE / "tiny-whisper"
-    if not (out / "config.json").is_file():
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_whisper(tmp)
-        tmp.rename(out)
-    return out
-
-
-def ensure_shards() -> Path:
-    """The bundled French corpus, 80 bins, sharded as tests/conftest.py's demo_shards (shard_corpus resumes)."""
-    from launcher.demo import DEMO_CORPUS
-    from launcher.shard import ShardSettings, shard_corpus
-    from launcher.sources.common_voice import CommonVoiceRelease
-
-    out = CACHE / "demo-shards-80"
-    if not (out / "index.json").is_file():
-        shard_corpus(CommonVoiceRelease(DEMO_CORPUS, "fr"), out, ShardSettings(80, 200_000, "fr"), workers=0)
-    return out
-
-
 def overrides(config: Config, model: Path, shards: Path, run_dir: Path) -> list[str]:
     return [f"model.name_or_path={model}", f"data.shards={shards}", f"output_dir={run_dir}", *COMMON, *config.sets]
 
 
 def child_env(gpu: bool, config: Config) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO), **dict(config.env)}
-    if not gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
+    return rank_env(gpu, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **dict(config.env))
 
 
 def rss(p) -> int:
@@ -360,24 +325,19 @@ def run_breakdown(args) -> dict:
     import torch
     import transformers  # noqa: F401 - part of the baseline, as in launcher.train
 
-    from launcher.data import ShardStream, train_loader, train_shards
-    from launcher.distributed import init_distributed, on_gpu
-    from launcher.labels import LabelEncoder
+    from launcher.data.labels import LabelEncoder
+    from launcher.data.loader import train_loader
+    from launcher.data.mixing import train_shards
+    from launcher.data.stream import ShardStream, StreamSettings
     from launcher.model import DTYPES, load_model
-    from launcher.recipe import check_against_data_and_model, deepspeed_config, load_recipe
-    from launcher.train import train_step
+    from launcher.recipe.checks import check_against_data_and_model
+    from launcher.recipe.ds_config import deepspeed_config
+    from launcher.recipe.load import load_recipe
+    from launcher.training.step import train_step
 
     marks["imports"] = rss(me)
     imports_live = malloc_in_use()
-    gpu = on_gpu()
-    from launcher.launch import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    init_distributed(gpu)
-    if gpu:
-        torch.cuda.set_device(0)
-    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    gpu, device = world_of_one()
     recipe = load_recipe(RECIPE, args.overrides)
     [data_set], model_config = check_against_data_and_model(recipe)  # one shard set
     marks["process_group"] = rss(me)
@@ -402,10 +362,8 @@ def run_breakdown(args) -> dict:
     gpu_mark("engine")
     labels = LabelEncoder(processor.tokenizer, data_set.language, recipe.model.task,
                           normalize=recipe.data.target_text == "normalized")
-    stream = ShardStream(train_shards(data_set.index, recipe.data.train_split), labels, rank=0, world_size=1,
-                         seed=recipe.seed, shuffle=recipe.data.shuffle, shuffle_buffer=recipe.data.shuffle_buffer,
-                         batch_size=recipe.data.batch_size_per_gpu, verify=recipe.data.verify_shards,
-                         on_bad_data=recipe.data.on_bad_data)
+    stream = ShardStream(train_shards(data_set.index, recipe.data.train_split), labels,
+                         StreamSettings.from_recipe(recipe), rank=0, world_size=1)
     batches = iter(train_loader(stream, recipe.data.num_workers, pin_memory=gpu))
     dtype = DTYPES[recipe.deepspeed.precision]
     sampler = PeakSampler()
@@ -458,7 +416,7 @@ def breakdown_in_subprocess(config_overrides: list[str], env: dict, steps: int) 
 def estimate(recipe, model_config: dict, *, gpu: bool, label_tokens: int | None) -> dict:
     """`memory_estimate` for one rank, given what this version of it accepts (the keyword-only `on_gpu` and
     `label_tokens` came later than the function; this bench also ran against the version before them)."""
-    from launcher.recipe import memory_estimate
+    from launcher.recipe.memory import memory_estimate
 
     accepted = inspect.signature(memory_estimate).parameters
     kwargs = {}
@@ -499,7 +457,8 @@ def components(b: dict) -> dict:
 # ---- orchestration ------------------------------------------------------------------------------------------------
 
 def run_config(config: Config, model: Path, shards: Path, gpu: bool, breakdown_steps: int) -> dict:
-    from launcher.recipe import load_model_config, load_recipe
+    from launcher.recipe.checks import load_model_config
+    from launcher.recipe.load import load_recipe
 
     env = child_env(gpu, config)
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
@@ -511,11 +470,8 @@ def run_config(config: Config, model: Path, shards: Path, gpu: bool, breakdown_s
         b = breakdown_in_subprocess(overrides(config, model, shards, Path(tmp) / "breakdown-run"), env,
                                     breakdown_steps)
         breakdown_s = time.perf_counter() - started
-        from launcher.launch import free_port
-
-        deepspeed_bin = str(Path(sys.executable).parent / "deepspeed")
-        argv = [deepspeed_bin, "--num_gpus", "1", "--master_port", str(free_port()), "--log_level", "error",
-                "train_ds.py", "--recipe", str(RECIPE), "--set", *sets]
+        argv = deepspeed_cmd("--num_gpus", "1", "--master_port", str(free_port()), "--log_level", "error",
+                             "train_ds.py", "--recipe", str(RECIPE), "--set", *sets)
         cli = measure_cli(argv, env, run_dir)
     row = {"config": config.name, "model": config.model, "overrides": [*COMMON, *config.sets], "env": dict(config.env),
            "recipe_overrides": sets,
@@ -540,7 +496,7 @@ def score(row: dict, recipe, model_config: dict, gpu: bool) -> dict:
 
 def rescore(path: Path) -> dict:
     """Saved measurements against the current `memory_estimate` (nothing is run again)."""
-    from launcher.recipe import load_recipe
+    from launcher.recipe.load import load_recipe
 
     result = json.loads(path.read_text())
     for row in result["runs"]:
@@ -613,8 +569,9 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
     configs = sorted((c for c in CONFIGS if c.name in wanted), key=lambda c: wanted.index(c.name))  # as asked
-    shards = ensure_shards()
-    models = {kind: (ensure_base() if kind == "base" else ensure_tiny()) for kind in {c.model for c in configs}}
+    shards = assets.shards(CACHE / "demo-shards-80")  # the bundled French corpus, as the suite shards it
+    models = {kind: assets.whisper_base() if kind == "base" else assets.tiny_whisper(CACHE / "tiny-whisper")
+              for kind in {c.model for c in configs}}
     import deepspeed
     import psutil
     import transformers

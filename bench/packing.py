@@ -29,68 +29,29 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from zero_shot_parity import CACHE, ensure_corpus, ensure_model  # noqa: E402
+from launcher.testing import assets, realruns
+from launcher.testing.commands import REPO
+from launcher.testing.commands import TINY_RECIPE as RECIPE
+from launcher.testing.realruns import runaways, throughput
 
 RESULTS = REPO / "bench" / "results" / "packing.json"
-RECIPE = REPO / "recipes" / "tiny_demo.yaml"
-# the encoder frozen, as the tool's reference run (a full fine-tuning of base takes ~50 s a step on 2 cores, too few
-# steps for a quality comparison in the budget): the encoder's forward pass, the part packing fills, still runs
-COMMON = ["model.language=de", "model.freeze_encoder=true", "data.batch_size_per_gpu=8", "data.num_workers=1",
-          "deepspeed.precision=fp32",
-          "optim.lr=1e-5", "optim.schedule=constant", "optim.warmup_steps=2", "eval.every_steps=0",
-          "eval.test_at_end=false", "checkpoint.every_steps=0", "checkpoint.keep_best=0", "logging.every_steps=1"]
+CACHE = assets.BENCH_CACHE
+COMMON = ["model.language=de", *realruns.COMMON]
 ARMS = {"packed": ["data.pack.enabled=true", "data.pack.max_seconds=30", "data.timestamp_probability=0.5"],
         "unpacked": ["data.pack.enabled=false"]}
 
 
-def env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(os.cpu_count() or 1),
-            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-
-
-def ensure_shards(corpus: Path) -> Path:
-    out = CACHE / f"{corpus.name}-shards"
-    if not (out / "index.json").is_file():
-        subprocess.run([sys.executable, "-m", "launcher", "shard", "--lang", "de", "--source", f"cv:{corpus}",
-                        "--out", str(out), "--workers", "1", "--shard-size", "64"], cwd=REPO, env=env(), check=True)
-    return out
-
-
 def train(model: Path, shards: Path, run_dir: Path, arm: str, steps: int) -> list[dict]:
-    from launcher.launch import free_port
-
-    sets = [f"model.name_or_path={model}", f"data.shards={shards}", f"output_dir={run_dir}", *COMMON, *ARMS[arm],
-            f"optim.max_steps={steps}"]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
-           "--log_level", "error", "train_ds.py", "--recipe", str(RECIPE), "--set", *sets]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{arm} training exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return realruns.train(model, shards, run_dir, ["model.language=de", *ARMS[arm]], steps)
 
 
 def seconds_per_step(log: list[dict]) -> float:
     """Wall seconds of a training step, past the first (loader start, first allocations)."""
     later = log[1:] or log
     return sum(r["window_s"] for r in later) / len(later)
-
-
-def throughput(log: list[dict]) -> dict:
-    later = log[1:] or log
-    wall = sum(r["window_s"] for r in later)
-    return {"steps": len(log), "audio_s_per_s": sum(r["audio_s_per_s"] * r["window_s"] for r in later) / wall,
-            "samples_per_s": sum(r["samples_per_s"] * r["window_s"] for r in later) / wall,
-            "tokens_per_s": sum(r["tokens_per_s"] * r["window_s"] for r in later) / wall,
-            "seconds_per_step": wall / len(later), "final_loss": log[-1]["loss"]}
 
 
 def throughput_ratios(work: Path, runs: dict) -> dict:
@@ -104,18 +65,7 @@ def throughput_ratios(work: Path, runs: dict) -> dict:
 
 
 def evaluate(model: Path, shards: Path, out: Path, long_form: float | None) -> dict:
-    cmd = [sys.executable, "-m", "launcher", "evaluate", "--model", str(model), "--shards", str(shards),
-           "--split", "test", "--batch-size", "16", "--out", str(out)]
-    if long_form:
-        cmd += ["--long-form", str(long_form)]
-    shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"evaluate exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    report = json.loads(max(out.glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
-    report["eval_seconds"] = time.perf_counter() - started
-    return report
+    return realruns.evaluate(model, shards, out, long_form=long_form)
 
 
 def feature_join_difference(shards: Path, corpus: Path, clips: int = 60) -> dict:
@@ -124,7 +74,8 @@ def feature_join_difference(shards: Path, corpus: Path, clips: int = 60) -> dict
 
     from launcher.audio import decode_audio
     from launcher.features import HOP_LENGTH, N_FRAMES, join_features, log_mel_spectrogram
-    from launcher.shards import load_index, load_mel, read_samples
+    from launcher.shards.format import load_index
+    from launcher.shards.reader import load_mel, read_samples
 
     rows = {}
     for line in (corpus / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]:
@@ -181,8 +132,8 @@ def main() -> None:
     import transformers
 
     started = time.perf_counter()
-    model, corpus = ensure_model(None), ensure_corpus(None, "de", args.clips)
-    shards = ensure_shards(corpus)
+    model, corpus = assets.whisper_base(), assets.synthetic_corpus("de", args.clips)
+    shards = realruns.corpus_shards(corpus, "de")
     index = json.loads((shards / "index.json").read_text())
     result = {"benchmark": "packing", "date": time.strftime("%Y-%m-%d %H:%M"), "budget_s_per_arm": args.budget,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -228,19 +179,6 @@ def train_both(args, model: Path, corpus: Path, shards: Path, work: Path, result
     result.update(throughput_ratios(work, runs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-
-
-def runaways(predictions: Path) -> dict:
-    """Greedy decoding without a repetition guard (as the event scored) sometimes loops until the token limit on a
-    clip; a handful of such clips can decide a 200-clip WER. Count them (over twice the reference's words plus 3)
-    and give the WER of the other clips, so a comparison can tell the two apart."""
-    rows = [json.loads(x) for x in predictions.read_text().splitlines()]
-    rows = [r for r in rows if r.get("scored")]
-    loops = [r for r in rows if len(r["prediction_normalized"].split()) > 2 * r["words"] + 3]
-    rest_words = sum(r["words"] for r in rows) - sum(r["words"] for r in loops)
-    rest_errors = sum(r["errors"] for r in rows) - sum(r["errors"] for r in loops)
-    return {"runaway_clips": len(loops), "runaway_errors": sum(r["errors"] for r in loops),
-            "wer_without_runaways": 100 * rest_errors / rest_words if rest_words else None}
 
 
 def score(args, model: Path, shards: Path, work: Path, result: dict) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Shard-step throughput and storage, against the event's feature path, on the same clips in one run.
 
-This project: `launcher.shard.shard_corpus` (decode + resample + unpadded float16 log-mel + tar writing):
+This project: `launcher.shards.build.shard_corpus` (decode + resample + unpadded float16 log-mel + tar writing):
 in one process (`--workers 0`: one core's work, the per-core figure), and with one worker per core, where
 the figure is audio seconds per wall second per core (worker start-up and inter-process copies included;
 the workers' CPU time is not visible to this process, they are forkserver children).
@@ -34,14 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 from launcher import audio  # noqa: E402
-from launcher.shard import ShardSettings, shard_corpus  # noqa: E402
+from launcher.shards.build import ShardSettings, shard_corpus
 from launcher.sources.common_voice import CommonVoiceRelease  # noqa: E402
+from launcher.testing.assets import TOOLS
+from launcher.testing.commands import REPO
 
-SYNTH = REPO.parent / "shared" / "tools" / "synth_cv_corpus.py"
+SYNTH = TOOLS / "synth_cv_corpus.py"
 
 
 def cpu_seconds() -> float:

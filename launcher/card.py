@@ -42,7 +42,7 @@ def model_card(*, name: str, base_model: str, sets, reports: dict[str, dict], st
     """The card as a huggingface_hub ModelCard (not yet written)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from launcher.evaluate import mean_wer
+    from launcher.evaluation.scoring import mean_wer
 
     languages = [s.language for s in sets]
     data = ModelCardData(model_name=name, base_model=base_model, language=languages,

@@ -17,7 +17,7 @@ def _shard(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from launcher.features import SUPPORTED_N_MELS
-    from launcher.shard import ShardSettings, print_summary, shard_corpus
+    from launcher.shards.build import ShardSettings, print_summary, shard_corpus
     from launcher.sources import open_source
 
     if args.n_mels not in SUPPORTED_N_MELS:
@@ -53,7 +53,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from launcher.shards import inspect
+    from launcher.shards.inspect import inspect
 
     return 1 if inspect(Path(args.shards), verify=args.verify) else 0
 
@@ -66,13 +66,10 @@ def _validate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from launcher.distributed import on_gpu as gpu_here
-    from launcher.recipe import (
-        check_against_data_and_model,
-        deepspeed_config,
-        load_recipe,
-        memory_estimate,
-        recipe_yaml,
-    )
+    from launcher.recipe.checks import check_against_data_and_model
+    from launcher.recipe.ds_config import deepspeed_config
+    from launcher.recipe.load import load_recipe, recipe_yaml
+    from launcher.recipe.memory import memory_estimate
 
     recipe = load_recipe(Path(args.recipe), args.overrides)
     sets, config = check_against_data_and_model(recipe)
@@ -87,7 +84,7 @@ def _validate(args: argparse.Namespace) -> int:
     split = recipe.data.train_split
     samples = sum(s.index.samples(split) for s in sets)
     if len(sets) > 1:
-        from launcher.mixing import Mix
+        from launcher.data.mixing import Mix
 
         mix = Mix.of(sets, split, recipe.data.mix_temperature, seed=recipe.seed, shuffle=recipe.data.shuffle)
         console.rule("mix")
@@ -126,7 +123,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     if args.long_form is not None and not args.long_form > 0:
         raise LauncherError(f"--long-form must be a positive number of seconds, got {args.long_form:g}")
-    from launcher.evaluate import run_standalone
+    from launcher.evaluation.standalone import run_standalone
 
     reports = run_standalone(args.model, [Path(p) for p in args.shards], args.split, batch_size=args.batch_size,
                              num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
@@ -142,7 +139,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             print(f"timestamps in order in {100 * report['timestamps_monotone']:.0f}% of the recordings, inside "
                   f"the audio in {100 * report['timestamps_inside']:.0f}%")
     if reports and len(reports) > 1:
-        from launcher.evaluate import mean_wer
+        from launcher.evaluation.scoring import mean_wer
 
         print(f"mean WER {mean_wer(reports):.2f}% over {', '.join(reports)} (each language counting once)")
     return 0
@@ -154,7 +151,8 @@ def _launch(args: argparse.Namespace) -> int:
     return launch(LaunchOptions(
         recipe=args.recipe, overrides=tuple(args.overrides), resume=args.resume, mode=args.mode,
         hostfile=args.hostfile, num_gpus=args.num_gpus, node_rank=args.node_rank, master_addr=args.master_addr,
-        master_port=args.master_port, launcher=args.launcher, nodes=args.nodes, partition=args.partition,
+        master_port=args.master_port, launcher=args.launcher, nodes=args.nodes, cpu_ranks=args.cpu_ranks,
+        partition=args.partition,
         time=args.time, write=args.write, run=args.run))
 
 
@@ -285,11 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "with --run")
     p.add_argument("--master-addr", help="address of node 0 reachable from every node (default: first host of "
                                          "the hostfile)")
-    p.add_argument("--master-port", type=int, help=f"rendezvous port on node 0 (default: a free port in single "
-                                                    f"mode, {DEFAULT_MASTER_PORT} in the multi-node modes)")
+    p.add_argument("--master-port", type=int, help="rendezvous port on node 0 (default: one free there when node 0 "
+                                                    f"is this machine, else a random one above {DEFAULT_MASTER_PORT};"
+                                                    " slurm: one derived from the job id)")
     p.add_argument("--launcher", help="hostfile mode: DeepSpeed's multi-node launcher: pdsh (default, over ssh), "
                                       "openmpi, mpich, impi, mvapich, slurm")
     p.add_argument("--nodes", type=int, help="slurm: nodes to allocate")
+    p.add_argument("--cpu-ranks", type=int, help="slurm: ranks per node on a CPU partition (no GPU asked for; "
+                                                 "DeepSpeed's CPU accelerator), instead of --num-gpus")
     p.add_argument("--partition", help="slurm: #SBATCH --partition")
     p.add_argument("--time", help="slurm: #SBATCH --time, e.g. 24:00:00")
     p.add_argument("--write", metavar="FILE", help="slurm: write the sbatch script to FILE instead of stdout")
@@ -329,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.func in (_evaluate, _doctor):  # what ranks of a multi-node job run: they read the job's secrets
+            from launcher.launch.envfile import load_secrets
+
+            load_secrets()
         return args.func(args)
     except LauncherError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,24 +6,21 @@ from a non-editable install."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from pathlib import Path
 
 from rich.console import Console
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEMO_CORPUS = ASSETS / "demo_corpus" / "fr"
-DEMO_RECIPE = ASSETS / "tiny_demo.yaml"  # also recipes/tiny_demo.yaml in a checkout
+from launcher.assets import DEMO_CORPUS, DEMO_RECIPE
 
 
 def run_demo(out: Path, workers: int = 2, max_steps: int | None = None) -> int:
     from launcher.console import quiet_libraries
-    from launcher.evaluate import run_standalone
-    from launcher.launch import free_port, run_command
-    from launcher.shard import ShardSettings, print_summary, shard_corpus
-    from launcher.shards import inspect
+    from launcher.evaluation.standalone import run_standalone
+    from launcher.launch import run_command
+    from launcher.launch.commands import cpu_env, deepspeed_runner, free_port
+    from launcher.shards.build import ShardSettings, print_summary, shard_corpus
+    from launcher.shards.inspect import inspect
     from launcher.sources.common_voice import CommonVoiceRelease
     from launcher.tiny_model import build_tiny_whisper
 
@@ -41,13 +38,13 @@ def run_demo(out: Path, workers: int = 2, max_steps: int | None = None) -> int:
     console.rule("[bold]3. train[/] a tiny random Whisper: 2 DeepSpeed ranks on the CPU (ZeRO-2, gloo)")
     build_tiny_whisper(model)
     shutil.rmtree(run, ignore_errors=True)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = cpu_env()
     overrides = [f"model.name_or_path={model}", f"data.shards={shards}", f"output_dir={run}",
                  *([f"optim.max_steps={max_steps}", f"optim.warmup_steps={max_steps // 2}",
                     f"logging.every_steps={max(1, max_steps // 3)}", "eval.every_steps=0", "checkpoint.keep_best=0",
                     "checkpoint.every_steps=0"] if max_steps else [])]
     # a free port: DeepSpeed's default 29500 may be held by another job on this machine
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    cmd = [deepspeed_runner(), "--num_gpus", "2", "--master_port", str(free_port()),
            "--log_level", "error", "--module", "launcher.train", "--recipe", str(DEMO_RECIPE), "--set", *overrides]
     console.print("$ DS_ACCELERATOR=cpu deepspeed " + " ".join(cmd[1:]), highlight=False)
     if rc := run_command(cmd, env):

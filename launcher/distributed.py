@@ -9,6 +9,8 @@ from datetime import timedelta
 from pathlib import Path
 
 SHM_FOLDER = "/dev/shm"
+CPU_OPS = ("deepspeed_shm_comm",)  # what DeepSpeed compiles for its CPU accelerator when a process group starts
+STALE_LOCK_MINUTES = 10.0  # a CPU op build takes about a minute on 2 cores: a lock older than this was left behind
 
 
 def on_gpu() -> bool:
@@ -26,10 +28,59 @@ def init_distributed(on_gpu: bool, timeout_minutes: float | None = None, verbose
     from launcher.console import quiet_stdout
 
     kwargs = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+    if not on_gpu:
+        use_own_ops_folder()
+        check_op_locks()
     with quiet_stdout(verbose):
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **kwargs)
     if not on_gpu:
         _unlink_shm_buffers()
+
+
+def ops_folder() -> Path:
+    """Where DeepSpeed's just-in-time compiled ops go: a folder of this virtualenv's own. torch's default,
+    ~/.cache/torch_extensions, is shared by every virtualenv of the user: a second one recompiles (minutes, inside
+    its first step), and a build killed midway leaves a lock there that every later run waits on, silently."""
+    return Path(sys.prefix) / "torch_extensions"
+
+
+def use_own_ops_folder() -> None:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ops_folder()))
+
+
+def check_op_locks() -> None:
+    """torch's op builds take a lock file (`FileBaton`) and wait, without a word and without end, while it exists: a
+    build killed midway leaves it behind. Say so in one line with the fix instead."""
+    from launcher.errors import LauncherError
+
+    for op in CPU_OPS:
+        lock = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / op / "lock"
+        try:
+            age = (time.time() - lock.stat().st_mtime) / 60
+        except FileNotFoundError:
+            continue
+        if age > STALE_LOCK_MINUTES:
+            raise LauncherError(f"{lock} is {age:.0f} minutes old: a build of DeepSpeed's {op} op was stopped midway "
+                                f"and left it, and every run would wait on it for ever; delete it (rm {lock}) and "
+                                "start again (`make setup` builds the op)")
+        print(f"waiting for another process that builds DeepSpeed's {op} op ({lock}, {age:.1f} min old; if none "
+              "does, delete it)", file=sys.stderr, flush=True)
+
+
+def build_cpu_ops() -> None:
+    """Build DeepSpeed's CPU ops into this virtualenv's folder (`make setup`), so no run compiles them."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_own_ops_folder()
+    check_op_locks()
+    from deepspeed.accelerator import get_accelerator
+
+    from launcher.console import quiet_stdout
+
+    with quiet_stdout(False):
+        for op in CPU_OPS:
+            builder = get_accelerator().create_op_builder("ShareMemCommBuilder" if op == "deepspeed_shm_comm" else op)
+            builder.load()
+    print(f"DeepSpeed's CPU ops built in {os.environ['TORCH_EXTENSIONS_DIR']}")
 
 
 def _unlink_shm_buffers() -> None:
@@ -65,16 +116,83 @@ def contiguous_range(total: int, parts: int, part: int) -> tuple[int, int]:
     return start, start + base + (1 if part < extra else 0)
 
 
+def node_rank() -> int:
+    """This rank's node, counted from 0: DeepSpeed's launcher sets CROSS_RANK, torchrun GROUP_RANK, Slurm
+    SLURM_NODEID."""
+    for name in ("CROSS_RANK", "GROUP_RANK", "SLURM_NODEID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def node_name() -> str:
+    """This rank's node as the launch names it: its host in the hostfile (`launch` exports the hostfile's hosts in
+    order as LAUNCHER_NODES), Slurm's node name, else the host name. Several "nodes" may be one machine (loopback
+    addresses in a test, or containers), so the host name alone cannot tell them apart."""
+    import socket
+
+    nodes = [n for n in os.environ.get("LAUNCHER_NODES", "").split(",") if n]
+    if node_rank() < len(nodes):
+        return nodes[node_rank()]
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+class Peers:
+    """Who the job's ranks are (each one's node) and which of them are still there.
+
+    Collective to build (one all-gather). Every rank's watchdog adds to a counter of its own in the rendezvous store
+    (`beat`, about once a second); when a collective fails or hangs, `lost` reads the counters twice, a few beats
+    apart: the ranks whose counters did not move are gone. The store lives in rank 0's process, so when it cannot be
+    reached at all rank 0 is the one gone."""
+
+    KEY = "launcher/alive/{}"
+    INTERVAL = 1.0  # seconds between beats (the watchdog's wake-up, at most)
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        nodes: list = [None] * self.world
+        dist.all_gather_object(nodes, (node_rank(), node_name()))
+        self.nodes: list[tuple[int, str]] = nodes
+        self.store = dist.distributed_c10d._get_default_store()
+
+    def beat(self) -> None:
+        try:
+            self.store.add(self.KEY.format(self.rank), 1)
+        except Exception:  # noqa: BLE001 - rank 0 (the store) gone: `lost` says so when it matters
+            pass
+
+    def lost(self, wait: float = 3 * INTERVAL) -> list[int]:
+        """The other ranks that stopped beating (rank 0 when the store is gone)."""
+        others = [r for r in range(self.world) if r != self.rank]
+        try:
+            before = [self.store.add(self.KEY.format(r), 0) for r in others]
+            time.sleep(wait)
+            after = [self.store.add(self.KEY.format(r), 0) for r in others]
+        except Exception:  # noqa: BLE001 - the store is rank 0's: it went away with it
+            return [0] if self.rank != 0 else []
+        return [r for r, b, a in zip(others, before, after, strict=True) if a == b]
+
+    def describe(self, ranks: list[int]) -> str:
+        """'rank 1 on node 1 (127.0.0.2)': who, and where to look."""
+        return ", ".join(f"rank {r} on node {self.nodes[r][0]} ({self.nodes[r][1]})" for r in ranks)
+
+    def me(self) -> str:
+        return self.describe([self.rank])
+
+
 class Watchdog:
     """Ends this rank with a clear message when it makes no progress for `minutes`: a rank that is hung or dead
     leaves the others waiting in a collective. The process group's own timeout is set later than this one
     (`process_group_minutes`), so the message is ours under NCCL as well, whose watchdog would otherwise abort the
-    process with its own. The loop calls `beat()` at each step, evaluation batch and save."""
+    process with its own. The loop calls `beat()` at each step, evaluation batch and save; with `peers`, this rank
+    also beats in the rendezvous store, and the message names the ranks that stopped beating."""
 
-    def __init__(self, minutes: float, message: str):
+    def __init__(self, minutes: float, message: str, peers: Peers | None = None):
         import threading
 
-        self.seconds, self.message = minutes * 60.0, message
+        self.seconds, self.message, self.peers = minutes * 60.0, message, peers
         self._last = time.monotonic()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="launcher-watchdog", daemon=True)
@@ -91,9 +209,13 @@ class Watchdog:
         self._stopped.set()
 
     def _watch(self) -> None:
-        while not self._stopped.wait(min(1.0, self.seconds / 10)):
+        while not self._stopped.wait(min(Peers.INTERVAL, self.seconds / 10)):
+            if self.peers is not None:
+                self.peers.beat()
             if time.monotonic() - self._last > self.seconds:
-                print(self.message, file=sys.stderr, flush=True)
+                lost = self.peers.lost() if self.peers is not None else []
+                named = f" (not answering: {self.peers.describe(lost)})" if lost else ""
+                print(self.message + named, file=sys.stderr, flush=True)
                 os._exit(1)  # the rank's launcher sees it and stops the others
 
 

@@ -18,8 +18,8 @@ import json
 import shutil
 from pathlib import Path
 
+from launcher.data.labels import MAX_LABEL_TOKENS
 from launcher.errors import LauncherError
-from launcher.labels import MAX_LABEL_TOKENS
 
 QUANTIZATIONS = ("float32", "float16", "int8_float16", "int8")
 NEEDED = ("config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json")

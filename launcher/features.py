@@ -23,6 +23,7 @@ HOP_LENGTH = 160
 CHUNK_LENGTH = 30
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in Whisper's 30 s window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames in that window
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100
 LOG_FLOOR = -10.0  # log10 of the 1e-10 power clamp: the value of a frame that sees only zeros
 DYNAMIC_RANGE = 8.0  # log10 units kept below the window's maximum
 SUPPORTED_N_MELS = (80, 128)  # 80 for v1/v2 and distil models, 128 for large-v3
@@ -120,16 +121,16 @@ def join_features(mels: list[np.ndarray], offsets: list[int], frames: int | None
     return np.maximum(out, out.max() - DYNAMIC_RANGE / 4.0)
 
 
-def stack_features(mels: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def stack_features(mels: list, window: int = N_FRAMES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unpadded log-mels -> ([batch, n_mels, longest] in their dtype (float16 from shards), frames per clip,
     float32 pad value per clip).
 
     What a batch carries from the loader to the device: the stored float16 frames only (a 5 s clip is a sixth of
-    its padded window, and half the bytes of float32); `pad_batch` makes the 30 s window there."""
+    its padded window, and half the bytes of float32); `pad_batch` makes the model's window (`window` frames) there."""
     mels = [torch.as_tensor(m) for m in mels]
     longest = max(m.shape[-1] for m in mels)
-    if longest > N_FRAMES:
-        raise ValueError(f"features have {longest} frames, more than the {N_FRAMES} of Whisper's window")
+    if longest > window:
+        raise ValueError(f"features have {longest} frames, more than the model's input window of {window}")
     out = torch.zeros((len(mels), mels[0].shape[0], longest), dtype=mels[0].dtype)
     for i, m in enumerate(mels):
         out[i, :, : m.shape[-1]] = m

@@ -16,10 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
-from launcher.recipe import ModelSection, Recipe
+from launcher.recipe.schema import ModelSection, Recipe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GATHER_ELEMENTS = 64 * 2**20  # weights gathered per collective while copying: bounds the extra memory
+
+
+def input_frames(config) -> int:
+    """Feature frames of the model's input window (a WhisperConfig or its config.json dict): two per encoder position
+    (the encoder's second convolution has stride 2), 3000 (30 s) for every Whisper; the suite's tiny models take
+    fewer, which is what makes them fast."""
+    positions = config["max_source_positions"] if isinstance(config, dict) else config.max_source_positions
+    return 2 * positions
 
 
 def configure_for_training(model, m: ModelSection):

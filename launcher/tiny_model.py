@@ -7,8 +7,10 @@ extractor) that `WhisperForConditionalGeneration`, `WhisperProcessor`, `WhisperT
 - a byte-level BPE tokenizer trained with `tokenizers` on the bundled corpus's sentences, followed by Whisper's
   special tokens in Whisper's order, so `<|startoftranscript|>` comes right after `<|endoftext|>` and the language
   tokens right after it, as transformers' Whisper code assumes;
-- a small random `WhisperForConditionalGeneration` with the real 1500-position encoder (30 s of features), so it
-  takes the same [batch, n_mels, 3000] input as the full-size models;
+- a small random `WhisperForConditionalGeneration`, by default with the real 1500-position encoder (30 s of
+  features, the same [batch, n_mels, 3000] input as the full-size models); `max_source_positions` gives it a shorter
+  window (the test suite's 6 s, most of its speed), which the project follows everywhere (`model.input_frames`) and
+  the feature extractor's `chunk_length` says;
 - Whisper's 1501 timestamp tokens `<|0.00|>` .. `<|30.00|>` right after the special tokens, as plain added tokens
   (transformers finds them at the last special id + 1), so timestamped labels and long-form generation work;
 - a generation config with the language and task tables `generate(language=..., task=...)` reads.
@@ -24,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from launcher.demo import DEMO_CORPUS
+from launcher.assets import DEMO_CORPUS
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, WhisperConfig, WhisperTokenizer
@@ -111,15 +113,15 @@ def special_ids(tokenizer: WhisperTokenizer) -> dict[str, int]:
 
 
 def build_config(ids: dict[str, int], vocab_size: int, *, n_mels: int, d_model: int, layers: int,
-                 heads: int) -> WhisperConfig:
+                 heads: int, max_source_positions: int = 1500) -> WhisperConfig:
     from transformers import WhisperConfig
 
     eot = ids[EOT]
     return WhisperConfig(
         vocab_size=vocab_size, num_mel_bins=n_mels, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
         encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * d_model,
-        decoder_ffn_dim=4 * d_model, max_source_positions=1500, max_target_positions=448, pad_token_id=eot,
-        bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=ids[SOT], suppress_tokens=[],
+        decoder_ffn_dim=4 * d_model, max_source_positions=max_source_positions, max_target_positions=448,
+        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=ids[SOT], suppress_tokens=[],
         begin_suppress_tokens=[eot])
 
 
@@ -138,7 +140,8 @@ def build_generation_config(ids: dict[str, int]) -> GenerationConfig:
 
 def build_tiny_whisper(out: Path, *, n_mels: int = 80, texts: Iterable[str] | None = None, vocab_size: int = 400,
                        seed: int = 0, d_model: int = 64, layers: int = 2, heads: int = 4,
-                       model_vocab_size: int | None = None, whisper_ids: bool = False) -> Path:
+                       model_vocab_size: int | None = None, whisper_ids: bool = False,
+                       max_source_positions: int = 1500) -> Path:
     """Write a tiny random Whisper folder to `out` and return `out`.
 
     `texts` trains the tokenizer (default: the bundled French corpus's sentences); `vocab_size` bounds the BPE
@@ -150,13 +153,15 @@ def build_tiny_whisper(out: Path, *, n_mels: int = 80, texts: Iterable[str] | No
     import torch
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
+    if max_source_positions % 50:
+        raise ValueError(f"max_source_positions must be a multiple of 50 (whole seconds), got {max_source_positions}")
     out = Path(out)
     tokenizer = build_tokenizer(demo_sentences() if texts is None else texts, vocab_size, whisper_ids)
     ids = special_ids(tokenizer)
     if model_vocab_size is not None and model_vocab_size < len(tokenizer):
         raise ValueError(f"model_vocab_size {model_vocab_size} is less than the tokenizer's {len(tokenizer)} tokens")
     config = build_config(ids, model_vocab_size or len(tokenizer), n_mels=n_mels, d_model=d_model, layers=layers,
-                          heads=heads)
+                          heads=heads, max_source_positions=max_source_positions)
     # seeded in a forked RNG so building a model leaves the caller's random stream as it was
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -164,5 +169,6 @@ def build_tiny_whisper(out: Path, *, n_mels: int = 80, texts: Iterable[str] | No
     model.generation_config = build_generation_config(ids)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    WhisperFeatureExtractor(feature_size=n_mels).save_pretrained(out)
+    # the window in seconds: 2 frames of 10 ms per encoder position
+    WhisperFeatureExtractor(feature_size=n_mels, chunk_length=max_source_positions // 50).save_pretrained(out)
     return out

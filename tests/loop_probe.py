@@ -43,10 +43,10 @@ def main(out: str, argv: list[str]) -> None:
     for name in READS:
         setattr(torch.Tensor, name, counting("reads", getattr(torch.Tensor, name)))
 
-    import launcher.periodic
     import launcher.train
+    import launcher.training.periodic
 
-    export = launcher.periodic.export_hf
+    export = launcher.training.periodic.export_hf
 
     def watched_export(engine, *args, **kwargs):
         live = engine.module
@@ -56,7 +56,7 @@ def main(out: str, argv: list[str]) -> None:
                         "generation_config_unchanged": before[1] == live.generation_config.to_json_string()})
         return result
 
-    launcher.periodic.export_hf = watched_export
+    launcher.training.periodic.export_hf = watched_export
     code = launcher.train.main(argv)
     with open(out, "w") as f:
         json.dump({"code": code, **counts, "exports": exports}, f)

@@ -14,19 +14,15 @@ import pytest
 import torch
 from transformers import WhisperTokenizerFast
 
-from launcher.data import (
-    ShardStream,
-    TrainedPositions,
-    collate,
-    loader_state,
-    resume_position,
-    train_loader,
-    train_shards,
-)
+from launcher.data.labels import LabelEncoder
+from launcher.data.loader import collate, train_loader
+from launcher.data.mixing import train_shards
+from launcher.data.plan import TrainedPositions, loader_state, resume_position
+from launcher.data.stream import ShardStream, StreamSettings
 from launcher.distributed import contiguous_range
 from launcher.features import pad_batch, pad_features
-from launcher.labels import LabelEncoder
-from launcher.shards import BadShard, Shard, load_index, read_samples
+from launcher.shards.format import Shard, load_index
+from launcher.shards.reader import BadShard, read_samples
 
 
 def split_shards(folder: Path, split: str) -> list[Shard]:
@@ -42,9 +38,10 @@ def all_ids(shards) -> list[str]:
     return [json.loads(sample.meta)["id"] for s in shards for sample in read_samples(s.path, range(s.samples))]
 
 
-def stream(shards, targets, rank, world, batch=2, **kw) -> ShardStream:
-    return ShardStream(shards, targets, rank=rank, world_size=world, seed=7, shuffle=True, shuffle_buffer=5,
-                       batch_size=batch, **kw)
+def stream(shards, targets, rank, world, batch=2, plan=None, skip_batches=0, **settings) -> ShardStream:
+    return ShardStream(shards, targets, StreamSettings(seed=7, shuffle=True, shuffle_buffer=5, batch_size=batch,
+                                                       **settings), rank=rank, world_size=world, plan=plan,
+                       skip_batches=skip_batches)
 
 
 @pytest.mark.parametrize("world, workers", [(1, 1), (2, 2), (3, 2), (5, 3)])
@@ -220,8 +217,8 @@ def test_over_long_labels_are_dropped_and_counted_never_truncated(tmp_path, targ
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    s = ShardStream([Shard(shard, 3)], targets, rank=0, world_size=1, seed=0, shuffle=False, shuffle_buffer=1,
-                    batch_size=1)
+    s = ShardStream([Shard(shard, 3)], targets, StreamSettings(seed=0, shuffle=False, shuffle_buffer=1, batch_size=1),
+                    rank=0, world_size=1)
     got = [x for _, x in zip(range(4), s.samples(0, 1), strict=False)]
     assert [g["ids"] for g in got] == [["s0"], ["s2"], ["s0"], ["s2"]]
     assert [g["dropped_long"] for g in got] == [0, 1, 0, 1]

@@ -7,8 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +17,12 @@ import yaml
 from launcher import doctor
 from launcher.cli import main
 from launcher.doctor import Check, Gpu
-from launcher.recipe import deepspeed_config, load_recipe
-from launcher.shards import FORMAT
-from tests.conftest import REPO, cpu_env, free_port
+from launcher.recipe.ds_config import deepspeed_config
+from launcher.recipe.load import load_recipe
+from launcher.shards.format import FORMAT
+from launcher.testing.commands import run_ranks as run_cli_ranks
+from launcher.testing.ranks import Rank
+from tests.conftest import REPO
 
 NAMES = ["versions", "driver", "gpus", "deepspeed-ops", "flash-attn", "model", "shards", "disk"]
 
@@ -265,22 +266,15 @@ def test_a_difference_is_named_on_the_minority_ranks():
 
 # ---- many ranks ----------------------------------------------------------------------------------------------
 
-def run_ranks(recipe: Path, ranks: list[dict], timeout: int = 150) -> list[tuple[int, str, str]]:
-    """`python -m launcher doctor` once per rank, as a launcher would start them on several nodes: RANK,
-    WORLD_SIZE, LOCAL_RANK and the rendezvous in the environment, each in its own working directory."""
-    port, procs = free_port(), []
-    try:
-        for rank, spec in enumerate(ranks):
-            env = cpu_env(RANK=str(rank), WORLD_SIZE=str(len(ranks)), LOCAL_RANK=str(spec["local_rank"]),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-            cmd = [sys.executable, "-m", "launcher", "doctor", "--recipe", str(recipe), *spec.get("args", ())]
-            procs.append(subprocess.Popen(cmd, cwd=spec["cwd"], env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
-        return [(p.wait(timeout=timeout), p.stdout.read(), p.stderr.read()) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+def run_ranks(recipe: Path, ranks: list[dict], logs: Path, timeout: int = 150) -> list[tuple[int, str]]:
+    """`python -m launcher doctor` once per rank, as launchers would start them on several nodes: RANK,
+    WORLD_SIZE, LOCAL_RANK and the rendezvous in the environment, each in its own working directory (warm ranks:
+    `launcher.testing.ranks`). Each rank's exit code and output."""
+    specs = [Rank(cwd=spec["cwd"], argv=tuple(spec.get("args", ())), env={"LOCAL_RANK": str(spec["local_rank"])})
+             for spec in ranks]
+    done = run_cli_ranks("launcher", ["doctor", "--recipe", str(recipe)], ranks=specs, logs=logs, timeout=timeout,
+                         check=False, stop_on_failure=False)
+    return list(zip(done.codes, done.outputs, strict=True))
 
 
 @pytest.mark.slow
@@ -293,8 +287,9 @@ def test_ranks_that_see_another_run_folder_or_recipe_fail_by_name(recipe_file, t
     node_a, node_b = tmp_path / "node-a", tmp_path / "node-b"
     node_a.mkdir(), node_b.mkdir()
     results = run_ranks(recipe_file, [{"cwd": node_a, "local_rank": 0}, {"cwd": node_b, "local_rank": 0},
-                                      {"cwd": node_a, "local_rank": 1, "args": ("--set", "optim.lr=1e-3")}])
-    assert [rc for rc, _, _ in results] == [1, 1, 1], results
+                                      {"cwd": node_a, "local_rank": 1, "args": ("--set", "optim.lr=1e-3")}],
+                        tmp_path / "logs")
+    assert [rc for rc, _ in results] == [1, 1, 1], results
     out = results[0][1]
     folder = next(line for line in out.splitlines() if " run-folder " in line)
     same = next(line for line in out.splitlines() if " same-code " in line)
@@ -304,13 +299,14 @@ def test_ranks_that_see_another_run_folder_or_recipe_fail_by_name(recipe_file, t
     assert "code differs" not in same and "libraries differ" not in same and "rank 1" not in same
     assert "[all 2 nodes]" in out or "[rank" in out  # the local checks of both "nodes" are reported
     assert not list(node_a.glob("run/.doctor-*")) and not (node_b / "run").exists()
-    assert all(" run-folder " not in o for _, o, _ in results[1:])  # only rank 0 prints the report
+    assert all(" run-folder " not in o for _, o in results[1:])  # only rank 0 prints the report
 
 
 @pytest.mark.slow
-def test_two_ranks_on_one_machine_pass_the_distributed_checks(recipe_file):
-    results = run_ranks(recipe_file, [{"cwd": REPO, "local_rank": 0}, {"cwd": REPO, "local_rank": 1}])
-    assert [rc for rc, _, _ in results] == [0, 0], results
+def test_two_ranks_on_one_machine_pass_the_distributed_checks(recipe_file, tmp_path):
+    results = run_ranks(recipe_file, [{"cwd": REPO, "local_rank": 0}, {"cwd": REPO, "local_rank": 1}],
+                        tmp_path / "logs")
+    assert [rc for rc, _ in results] == [0, 0], results
     out = results[0][1]
     assert "read back by all 2 ranks on 1 host(s)" in out and "the same on all 2 ranks" in out, out
     assert "doctor: no check failed" in out and "[all" not in out  # one node: its checks once, without a tag

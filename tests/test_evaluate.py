@@ -4,15 +4,17 @@ also when the ranks have different numbers of clips (one none) and decode transc
 from __future__ import annotations
 
 import json
-import subprocess
+from pathlib import Path
 
 import jiwer
 import pytest
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
-from launcher.evaluate import default_report_dir, scan_split
-from launcher.shards import load_index
-from tests.conftest import REPO, cpu_env, deepspeed_cmd, free_port, run_cli
+from launcher.evaluation.items import scan_split
+from launcher.evaluation.reports import default_report_dir
+from launcher.shards.format import load_index
+from launcher.testing.commands import Finished, run_ranks
+from tests.conftest import run_cli
 
 ARGS = ("--split", "test", "--max-new-tokens", "12", "--batch-size", "1")
 
@@ -27,12 +29,11 @@ def load(out, split: str = "test"):
     return report, rows
 
 
-def two_ranks(*args: str) -> subprocess.CompletedProcess:
-    cmd = deepspeed_cmd("--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank", "--module",
-                        "launcher", *args)
-    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def two_ranks(*args: str) -> Finished:
+    """`python -m launcher ARGS` on 2 warm CPU ranks (as `deepspeed --num_gpus 2 --module launcher ARGS` starts
+    them); their output beside the --out folder."""
+    out = Path(args[args.index("--out") + 1])
+    return run_ranks("launcher", args, logs=out.with_name(out.name + "-logs"))
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +97,8 @@ def test_decoding_under_zero3_runs_no_collective_per_token(zero2_run, demo_shard
     decodes a plain copy: no collective at all while decoding, whatever each rank decodes. Decoding the ZeRO-3
     module itself costs collectives at every token."""
     out = tmp_path / "counts"
-    cmd = deepspeed_cmd("--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
-                        "tests/zero3_collectives.py", str(zero2_run / "final"), str(demo_shards["shards"]), str(out))
-    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ranks("tests/zero3_collectives.py", [str(zero2_run / "final"), str(demo_shards["shards"]), str(out)],
+              logs=tmp_path / "logs")
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["items"] for r in ranks] == [2, 1]
     assert ranks[0]["tokens"] != ranks[1]["tokens"]  # different amounts of decoding on each rank

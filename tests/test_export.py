@@ -9,32 +9,24 @@ from pathlib import Path
 import pytest
 
 from launcher.audio import decode_audio
-from launcher.evaluate import edit_distance
-from tests.conftest import DEMO, SMALL_FIXED_SET, run_cli, run_training
-from tests.conftest import run_overrides as overrides
+from launcher.evaluation.scoring import edit_distance
+from tests.conftest import DEMO, ZERO2_STEPS, run_cli
 
 pytestmark = pytest.mark.slow
 SPLITS = ("validation", "test")
 
 
 @pytest.fixture(scope="module")
-def delivered(demo_shards, tmp_path_factory) -> Path:
-    """A tiny model with Whisper's token ids (CTranslate2 recognises a multilingual Whisper by its vocabulary)
-    trained by this test on the 8 validation clips until it transcribes them in different lengths, delivered with
-    its card, and its evaluation's predictions on validation (at the last step) and test (at the end)."""
-    from launcher.tiny_model import build_tiny_whisper
-
-    root = tmp_path_factory.mktemp("export")
-    model = build_tiny_whisper(root / "tiny-whisper-ids", whisper_ids=True)
-    run_dir = root / "run"
-    run_training(overrides(model, demo_shards["shards"], run_dir, *SMALL_FIXED_SET, "optim.max_steps=100",
-                           "optim.schedule=constant", "checkpoint.every_steps=0", "logging.every_steps=20",
-                           "eval.every_steps=100", "eval.test_at_end=true"))
-    return run_dir
+def delivered(zero2_run) -> Path:
+    """The suite's trained model (conftest's zero2_run): a tiny model with Whisper's token ids (CTranslate2
+    recognises a multilingual Whisper by its vocabulary) that has learnt the 8 validation clips and transcribes them
+    in different lengths, delivered with its card, and its evaluation's predictions on validation (at the last
+    step) and test (at the end)."""
+    return zero2_run
 
 
 def own_predictions(run_dir: Path) -> dict[str, dict]:
-    lines = [line for split in SPLITS for line in (run_dir / "eval" / f"{split}-step-100.predictions.jsonl")
+    lines = [line for split in SPLITS for line in (run_dir / "eval" / f"{split}-step-{ZERO2_STEPS}.predictions.jsonl")
              .read_text().splitlines()]
     return {row["id"]: row for row in map(json.loads, lines)}
 
@@ -53,7 +45,7 @@ def faster_whisper_transcripts(export: Path, ids, compute_type: str) -> dict[str
 
 
 def wer(rows: dict[str, dict], hyps: dict[str, str]) -> float:
-    from launcher.evaluate import normalizer_for
+    from launcher.evaluation.scoring import normalizer_for
 
     norm = normalizer_for("fr")
     errors = sum(edit_distance(norm(r["reference"]).split(), norm(hyps[i]).split()) for i, r in rows.items())
@@ -61,8 +53,7 @@ def wer(rows: dict[str, dict], hyps: dict[str, str]) -> float:
 
 
 def test_faster_whisper_on_the_ct2_export_transcribes_as_the_evaluation_did(delivered, tmp_path):
-    own = own_predictions(delivered)
-    assert len({r["prediction"] for r in own.values()}) >= 3, "the model's transcripts differ from clip to clip"
+    own = own_predictions(delivered)  # transcripts that differ from clip to clip: zero2_run checks it once
     proc = run_cli("export", str(delivered), "--quantization", "float32", "--out", str(tmp_path / "f32"))
     assert "written:" in proc.stdout
     export = tmp_path / "f32"
@@ -89,13 +80,13 @@ def test_the_card_validates_with_the_hubs_parser_and_push_dry_run_lists_the_uplo
     card = ModelCard.load(delivered / "final" / "README.md")
     name, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
     assert name == "run" and card.data.base_model and card.data.language == ["fr"]
-    test = json.loads((delivered / "eval" / "test-step-100.json").read_text())
+    test = json.loads((delivered / "eval" / f"test-step-{ZERO2_STEPS}.json").read_text())
     by_metric = {r.metric_name: r for r in results}
     assert set(by_metric) == {"Wer", "Orthographic Wer", "Cer"}
     assert by_metric["Wer"].metric_value == round(test["wer"], 2) and by_metric["Wer"].dataset_split == "test"
     source = json.loads((demo_shards["shards"] / "index.json").read_text())["source"]
     assert by_metric["Wer"].dataset_config == "fr" and by_metric["Wer"].dataset_type == source["location"]
-    assert "optim:" in card.content and "max_steps: 100" in card.content, "the recipe, embedded"
+    assert "optim:" in card.content and f"max_steps: {ZERO2_STEPS}" in card.content, "the recipe, embedded"
     proc = run_cli("push", str(delivered), "--repo", "someone/tiny-fr", "--dry-run", env={"HF_TOKEN": "hf_PLANTED42"})
     listing = proc.stdout.split("model card (README.md):")[0]
     listed = {line.split()[0] for line in listing.splitlines() if line.startswith("  ")}

@@ -15,12 +15,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
-from launcher.shards import sha256_file
-from tests.conftest import REPO, cpu_env, read_log, run_training, training_cmd
+from launcher.shards.format import sha256_file
+from tests.conftest import read_log, run_training, start_training
 
 pytestmark = pytest.mark.slow
 HF_SECRET, WANDB_SECRET = "hf_PLANTEDsecret0123456789", "wandbPLANTEDsecret9876543210"
@@ -32,27 +31,17 @@ def overrides(tiny_model: Path, shards: Path, run_dir: Path, *extra: str) -> lis
             *extra]
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_step(run_dir: Path, step: int, job, timeout: float = 300) -> None:
+    """Until the run has logged `step`; `job`: DeepSpeed's launcher (a Popen) or warm ranks (`ranks.Job`)."""
     deadline = time.monotonic() + timeout
     log = run_dir / "train_log.jsonl"
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended (rc {proc.returncode}) before step {step}")
+        if not (job.poll() is None if isinstance(job, subprocess.Popen) else job.running):
+            raise AssertionError(f"training ended ({job.poll()}) before step {step}")
         if log.is_file() and any(json.loads(x)["step"] >= step for x in log.read_text().splitlines() if x.strip()):
             return
         time.sleep(0.05)
     raise AssertionError(f"no step {step} within {timeout} s")
-
-
-def rank_pids(launcher_pid: int) -> dict[int, int]:
-    """{local rank: pid} of the training processes under a DeepSpeed launcher."""
-    out = {}
-    for child in psutil.Process(launcher_pid).children(recursive=True):
-        cmd = " ".join(child.cmdline())
-        parent_is_rank = "--local_rank=" in " ".join(child.parent().cmdline())  # a loader worker: same cmdline
-        if "train_ds.py" in cmd and "--local_rank=" in cmd and not parent_is_rank:
-            out[int(cmd.split("--local_rank=")[1].split()[0])] = child.pid
-    return out
 
 
 EXACT = ("optim.max_steps=24", "checkpoint.every_steps=5", "checkpoint.keep_last=2", "data.num_workers=2",
@@ -65,7 +54,7 @@ def reference_run(tiny_model, demo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     proc = run_training(overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT),
                         env={"HF_TOKEN": HF_SECRET, "WANDB_API_KEY": WANDB_SECRET})
-    return run_dir, proc.stdout + proc.stderr
+    return run_dir, proc.output
 
 
 def samples_by_step(run_dir: Path) -> dict[int, dict[int, list]]:
@@ -82,7 +71,7 @@ def samples_by_step(run_dir: Path) -> dict[int, dict[int, list]]:
 def packed(demo_shards) -> tuple[str, ...]:
     """Packing on, with timestamped labels and prompts (windows of several clips, decoder inputs built by the
     collate), on two languages mixed 1:1: French's 44 clips at 32 an epoch, Spanish's 20 upsampled to 32."""
-    return ("data.pack.enabled=true", "data.pack.max_seconds=10", "data.timestamp_probability=0.5",
+    return ("data.pack.enabled=true", "data.pack.max_seconds=6", "data.timestamp_probability=0.5",
             "data.prompt_probability=0.5", "model.language=null",
             f"data.shards=[{{path: {demo_shards['shards']}, weight: 1}}, "
             f"{{path: {demo_shards['shards_es']}, weight: 1}}]")
@@ -128,11 +117,10 @@ def test_resume_after_sigkill_matches_uninterrupted_losses_and_sees_each_sample_
         request.getfixturevalue("reference_run")[0]
     run_dir = tmp_path / "run"
     args = overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT, *(packed(demo_shards) if pack else ()))
-    proc = subprocess.Popen(training_cmd(args), cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for_step(run_dir, 13, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, both ranks and their loader workers, mid-step
-    proc.wait()
+    with start_training(args) as job:
+        wait_for_step(run_dir, 13, job)
+        job.kill(signal.SIGKILL)  # both ranks and their loader workers, mid-step
+        job.wait()
     latest = (run_dir / "checkpoints" / "latest").read_text()
     assert latest in ("step-10", "step-15", "step-20") and read_log(run_dir)[-1]["step"] < 24, "killed mid-run"
     run_training(args, extra=("--resume",))
@@ -190,13 +178,12 @@ def test_sigterm_on_one_rank_saves_at_the_next_step_on_all_ranks_and_exits_0(tin
     evaluation = ("eval.every_steps=6", "eval.splits=[validation]", "eval.max_new_tokens=64") if during_eval else ()
     args = overrides(tiny_model, demo_shards["shards"], run_dir, "optim.max_steps=14", "checkpoint.every_steps=0",
                      *evaluation)
-    proc = subprocess.Popen(training_cmd(args), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    wait_for_step(run_dir, 6, proc)
-    ranks = rank_pids(proc.pid)
-    os.kill(ranks[0 if during_eval else 1], signal.SIGTERM)  # rank 0 is the one evaluating right after step 6
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output[-3000:]
+    with start_training(args) as job:
+        wait_for_step(run_dir, 6, job)
+        os.kill(job.pids[0 if during_eval else 1], signal.SIGTERM)  # rank 0 evaluates right after step 6
+        codes = job.wait(300)
+        output = job.output
+    assert codes == [0, 0], output[-3000:]
     latest = (run_dir / "checkpoints" / "latest").read_text()
     stopped = int(latest.split("-")[1])
     assert 6 <= stopped < 14 and f"stopped on request at step {stopped}" in output
@@ -239,7 +226,7 @@ def test_nonfinite_loss_skips_the_step_on_every_rank_and_names_the_samples(tiny_
     skipped = [r for r in log if r["skipped_nonfinite_steps"]]
     assert skipped and all(np.isfinite(r["grad_norm"]) for r in log)
     assert all(np.isfinite(r["loss"]) for r in log if r["skipped_nonfinite_steps"] == 0)
-    output = proc.stdout + proc.stderr
+    output = proc.output
     assert "non-finite loss, step skipped on every rank" in output
     assert any(p in output for p in poisoned)
 
@@ -251,7 +238,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run_with_a_clear_message(tiny_model,
                                   "optim.max_steps=20", "checkpoint.every_steps=0",
                                   "optim.max_consecutive_nonfinite=2"), check=False, timeout=300)
     assert proc.returncode != 0
-    assert "2 steps in a row had a non-finite loss" in proc.stdout + proc.stderr
+    assert "2 steps in a row had a non-finite loss" in proc.output
 
 
 def corrupt(shards: Path, split: str, n: int, how: str) -> str:
@@ -272,7 +259,7 @@ def test_a_bad_shard_is_named_and_skipped(tiny_model, demo_shards, tmp_path, how
     run_dir = tmp_path / "run"
     proc = run_training(overrides(tiny_model, shards, run_dir, "optim.max_steps=12", "checkpoint.every_steps=0",
                                   f"data.verify_shards={verify}"), timeout=300)
-    assert name in proc.stdout + proc.stderr
+    assert name in proc.output
     assert sum(r["skipped_bad_samples"] for r in read_log(run_dir)) > 0
     assert read_log(run_dir)[-1]["step"] == 12
 
@@ -285,8 +272,8 @@ def test_a_bad_shard_stops_the_run_when_the_recipe_says_so_without_hanging_a_ran
     proc = run_training(overrides(tiny_model, shards, tmp_path / "run", "optim.max_steps=12",
                                   "checkpoint.every_steps=0", "data.on_bad_data=stop",
                                   "deepspeed.timeout_minutes=1"), check=False, timeout=240)
-    assert proc.returncode != 0
-    assert f"{name} does not match its sha256" in proc.stdout + proc.stderr
+    assert 2 in proc.codes, "the rank that read the bad shard leaves at once, with its error"
+    assert f"{name} does not match its sha256" in proc.output
 
 
 @pytest.mark.parametrize("zero_stage, pack", [(2, True), (3, False)], ids=["zero2-packed-two-languages", "zero3"])
@@ -309,7 +296,7 @@ def test_a_run_resumes_on_another_number_of_ranks_with_its_state_and_no_sample_r
     shutil.rmtree(run_dir / "final")
     # no step to take: the model exported from the 1-rank engine is the one the 2 ranks saved
     proc = run_training([*args, "optim.max_steps=10", "data.num_workers=1"], ranks=1, extra=("--resume",))
-    assert "written by 2 ranks, on 1" in " ".join(proc.stderr.split())  # rich wraps long lines
+    assert "written by 2 ranks, on 1" in " ".join(proc.output.split())  # rich wraps long lines
     after = load_file(run_dir / "final" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     run_training([*args, "optim.max_steps=22", "data.num_workers=1"], ranks=1, extra=("--resume",))
@@ -331,23 +318,19 @@ def test_a_run_resumes_on_another_number_of_ranks_with_its_state_and_no_sample_r
 
 
 def test_a_hung_rank_ends_the_job_with_a_message_in_bounded_time(tiny_model, demo_shards, tmp_path):
-    """SIGSTOP on rank 1: rank 0 times out in its next collective. (A dead rank, one that exits, is the bad-shard
-    test above: DeepSpeed's launcher stops the others at once.)"""
+    """SIGSTOP on rank 1: rank 0 stops waiting within deepspeed.timeout_minutes (its watchdog, 15 s here) and leaves
+    with one line saying what happened and how to continue; its launcher then stops the rest (DeepSpeed's launcher
+    ending a job whose rank failed: the bad-shard test above)."""
     run_dir = tmp_path / "run"
     args = overrides(tiny_model, demo_shards["shards"], run_dir, "optim.max_steps=400", "checkpoint.every_steps=0",
                      "deepspeed.timeout_minutes=0.25")
-    proc = subprocess.Popen(training_cmd(args), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        wait_for_step(run_dir, 3, proc)
-        os.kill(rank_pids(proc.pid)[1], signal.SIGSTOP)
+    with start_training(args) as job:
+        wait_for_step(run_dir, 3, job)
+        os.kill(job.pids[1], signal.SIGSTOP)
         started = time.monotonic()
-        output = proc.communicate(timeout=120)[0]
+        codes = job.wait(120)
         elapsed = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0 and read_log(run_dir)[-1]["step"] < 400
-    # the timeout (15 s), then DeepSpeed's launcher gives the stopped rank 30 s to end on SIGTERM and kills it
-    assert elapsed < 15 + 30 + 30, elapsed
+        output = job.outputs[0]
+    assert codes[0] == 1 and read_log(run_dir)[-1]["step"] < 400
+    assert elapsed < 15 + 15, elapsed  # the timeout, and the watchdog's own check every tenth of it
     assert "no answer from another rank within deepspeed.timeout_minutes=0.25" in output, output[-3000:]

@@ -24,6 +24,7 @@ def run_check(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a dry run of the GPU check (its DeepSpeed launches and the HF Trainer baseline), ~90 s
 def test_cpu_check_runs_every_part_and_writes_sane_figures(tmp_path: Path):
     out, mirror = tmp_path / "gpu_check_cpu.json", tmp_path / "mirror"
     proc = run_check("--out", str(out), "--work", str(tmp_path / "work"), "--mirror", str(mirror), timeout=600)

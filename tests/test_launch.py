@@ -21,7 +21,6 @@ import pytest
 from launcher.errors import LauncherError
 from launcher.launch import (
     DEFAULT_MASTER_PORT,
-    STOP_FILE,
     FailureContext,
     env_with_file,
     explain_launch_failure,
@@ -35,8 +34,11 @@ from launcher.launch import (
     world_size,
 )
 from launcher.launch.advice import recipe_memory_note
-from launcher.recipe import load_recipe, memory_estimate
-from tests.conftest import REPO, cpu_env, read_log
+from launcher.launch.envfile import load_secrets
+from launcher.recipe.load import load_recipe
+from launcher.recipe.memory import memory_estimate
+from launcher.run_folder import STOP_FILE
+from tests.conftest import REPO, cpu_env
 
 RECIPE = str(REPO / "recipes" / "tiny_demo.yaml")
 TWO_NODES = str(REPO / "hostfiles" / "two_nodes.txt")
@@ -175,8 +177,9 @@ def test_hostfile_mode_defaults_master_to_the_first_host(tmp_path):
     assert proc.returncode == 0, proc.stderr
     [argv] = commands(proc.stdout)
     assert argv[0] == "deepspeed" and flag(argv, "--hostfile") == TWO_NODES
-    assert flag(argv, "--master_addr") == "gpu-node-1" and flag(argv, "--master_port") == "29500"
-    assert "--no_ssh" not in argv and "--launcher" not in argv and "--log_level" not in argv  # no secret here
+    # node 0 is another machine: a port above DeepSpeed's 29500 (two jobs must not share a fixed one)
+    assert flag(argv, "--master_addr") == "gpu-node-1" and 29500 < int(flag(argv, "--master_port")) <= 60000
+    assert "--no_ssh" not in argv and "--launcher" not in argv and "--log_level" not in argv
     assert train_part(argv)[1:] == ["--recipe", RECIPE, "--set", "optim.max_steps=500"]
     assert "world size 16" in proc.stdout
 
@@ -202,6 +205,7 @@ def test_per_node_prints_one_command_per_node(tmp_path):
         assert (flag(argv, "--hostfile"), flag(argv, "--master_addr"), flag(argv, "--master_port")) == \
             (TWO_NODES, "gpu-node-1", "29555")
         assert train_part(argv)[1:] == ["--recipe", RECIPE]
+        assert ("--log_level" in argv) == (rank > 0)  # one node's worth of DeepSpeed's launcher lines
     assert "# node 1 of 2 (gpu-node-2" in proc.stdout
     assert "does not read .deepspeed_env" in proc.stderr
 
@@ -210,10 +214,12 @@ def test_per_node_single_rank(tmp_path):
     proc = launch("--recipe", RECIPE, "--mode", "per-node", "--hostfile", TWO_NODES, "--node-rank", "1", cwd=tmp_path)
     [argv] = commands(proc.stdout)
     assert argv[argv.index("--node_rank"):argv.index("--node_rank") + 2] == ["--node_rank", "1"]
-    bad = launch("--recipe", RECIPE, "--mode", "per-node", "--hostfile", TWO_NODES, "--node-rank", "2", cwd=tmp_path,
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    bad = launch("--recipe", RECIPE, "--mode", "per-node", "--hostfile", TWO_NODES, "--node-rank", "2", cwd=refused,
                  env=clean_env(**SECRETS))
     assert bad.returncode == 2 and "--node-rank 2 is outside 0..1" in bad.stderr
-    assert not (tmp_path / ".deepspeed_env").exists()  # a refused launch leaves no secrets on disk
+    assert list(refused.iterdir()) == []  # a refused launch leaves no secrets (nor anything else) on disk
 
 
 @pytest.mark.parametrize("args, message", [
@@ -314,7 +320,7 @@ def test_slurm_script_runs_one_launcher_per_node(tmp_path):
         (bin_dir / tool).chmod(0o755)
     script = slurm_script(tmp_path, env=clean_env(HF_TOKEN=SECRETS["HF_TOKEN"], WANDB_PROJECT="asr"))
     (tmp_path / "job.sbatch").write_text(script)
-    fake = '() {  { printf "%s\\n" "$@"; echo "HF_TOKEN=${HF_TOKEN:-}"; } > "argv.$SLURM_NODEID"; }'
+    fake = '() {  { printf "%s\\n" "$@"; echo "$LAUNCHER_SECRETS"; } > "argv.$SLURM_NODEID"; }'
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_JOB_ID="42",
                     WANDB_PROJECT="asr", **{"BASH_FUNC_deepspeed%%": fake})
     proc = subprocess.run(["bash", "job.sbatch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
@@ -322,10 +328,13 @@ def test_slurm_script_runs_one_launcher_per_node(tmp_path):
     assert (tmp_path / "runs" / "slurm-42.hostfile").read_text() == "gpu-a slots=8\ngpu-b slots=8\n"
     for node in (0, 1):
         argv = (tmp_path / f"argv.{node}").read_text().splitlines()
-        assert argv[-1] == f"HF_TOKEN={SECRETS['HF_TOKEN']}"  # from .deepspeed_env: this job's env had none
+        # from .deepspeed_env (this job's env had none): where the secrets are, which every rank reads at its start
+        assert read_env_file(Path(argv[-1])) == {"HF_TOKEN": SECRETS["HF_TOKEN"]}
         argv = argv[:-1]
         assert flag(argv, "--node_rank") == str(node) and "--no_ssh" in argv
         assert flag(argv, "--master_addr") == "gpu-a" and flag(argv, "--hostfile") == "runs/slurm-42.hostfile"
+        assert flag(argv, "--master_port") == "20042"  # from the job id: jobs sharing a node do not collide
+        assert flag(argv, "--log_level") == ("info" if node == 0 else "warning")
 
 
 def test_slurm_write_file(tmp_path):
@@ -336,22 +345,33 @@ def test_slurm_write_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- .deepspeed_env, secrets
-def test_secrets_are_written_to_deepspeed_env_but_never_printed(tmp_path):
+def test_secrets_go_to_a_file_of_their_own_never_to_a_command_line_or_the_console(tmp_path):
+    """DeepSpeed's pdsh runner puts .deepspeed_env's values on its command line (`export NAME=VALUE;`), readable in
+    every node's process list for the whole job: secrets are kept out of it, in .deepspeed_secrets (0600), whose
+    path .deepspeed_env carries and every rank reads at its start."""
     env = clean_env(**SECRETS, HF_HOME="/data/hf", WANDB_PROJECT="whisper-fr", NCCL_DEBUG="INFO", HOME=str(tmp_path))
     proc = launch("--recipe", RECIPE, "--mode", "hostfile", "--hostfile", TWO_NODES, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     for value in SECRETS.values():
         assert value not in proc.stdout and value not in proc.stderr
-    env_file = tmp_path / ".deepspeed_env"
-    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    env_file, secrets = tmp_path / ".deepspeed_env", tmp_path / ".deepspeed_secrets"
+    assert stat.S_IMODE(env_file.stat().st_mode) == stat.S_IMODE(secrets.stat().st_mode) == 0o600
     lines = env_file.read_text().splitlines()
-    assert {"HF_TOKEN=hf_secretvalue123", "WANDB_API_KEY=abc987secret", "HF_HOME=/data/hf",
-            "WANDB_PROJECT=whisper-fr", "NCCL_DEBUG=INFO"} <= set(lines)
+    assert {"HF_HOME=/data/hf", "WANDB_PROJECT=whisper-fr", "NCCL_DEBUG=INFO", f"LAUNCHER_SECRETS={secrets}",
+            "LAUNCHER_NODES=gpu-node-1,gpu-node-2"} <= set(lines)
+    assert not any(value in env_file.read_text() for value in SECRETS.values())
+    assert read_env_file(secrets) == SECRETS
     assert all("=" in line for line in lines)  # DeepSpeed's runner splits every line on '='
     assert "HF_TOKEN (value hidden)" in proc.stderr and "WANDB_API_KEY (value hidden)" in proc.stderr
     assert "HF_HOME," in proc.stderr and "HF_HOME (value hidden)" not in proc.stderr
     [argv] = commands(proc.stdout)
-    assert flag(argv, "--log_level") == "warning"  # DeepSpeed would log the pdsh line holding the exports
+    assert not any(value in " ".join(argv) for value in SECRETS.values())
+    environ = {"LAUNCHER_SECRETS": str(secrets), "HF_TOKEN": "the node's own"}
+    assert load_secrets(environ) == ["WANDB_API_KEY"]  # what a rank lacks, from the file; its own value kept
+    assert environ["HF_TOKEN"] == "the node's own" and environ["WANDB_API_KEY"] == SECRETS["WANDB_API_KEY"]
+    secrets.unlink()
+    with pytest.raises(LauncherError, match="which this node does not have"):
+        load_secrets({"LAUNCHER_SECRETS": str(secrets)})
 
 
 @pytest.mark.parametrize("mode", [("per-node", "--hostfile", TWO_NODES), ("slurm", "--nodes", "2", "--num-gpus", "8")])
@@ -359,7 +379,7 @@ def test_secrets_never_printed_in_other_modes(tmp_path, mode):
     proc = launch("--recipe", RECIPE, "--mode", *mode, cwd=tmp_path, env=clean_env(**SECRETS))
     assert proc.returncode == 0, proc.stderr
     assert not any(v in proc.stdout + proc.stderr for v in SECRETS.values())
-    assert set(read_env_file(tmp_path / ".deepspeed_env").items()) >= set(SECRETS.items())
+    assert read_env_file(tmp_path / ".deepspeed_secrets") == SECRETS
 
 
 def test_env_file_keeps_other_entries_and_skips_values_deepspeed_would_mangle(tmp_path):
@@ -368,8 +388,10 @@ def test_env_file_keeps_other_entries_and_skips_values_deepspeed_would_mangle(tm
     path.chmod(0o644)
     report = update_env_file({"HF_HOME": "/new", "WANDB_API_KEY": "pa$$word", "HF_TOKEN": "tok_value_9",
                               "HOME": "/root", "PYTHONPATH": "/extra"}, path)
-    assert read_env_file(path) == {"NCCL_SOCKET_IFNAME": "eth0", "HF_HOME": "/new", "HF_TOKEN": "tok_value_9",
-                                   "PYTHONPATH": f"{tmp_path.resolve()}:/extra"}
+    assert read_env_file(path) == {"NCCL_SOCKET_IFNAME": "eth0", "HF_HOME": "/new",
+                                   "PYTHONPATH": f"{tmp_path.resolve()}:/extra",
+                                   "LAUNCHER_SECRETS": str((tmp_path / ".deepspeed_secrets").resolve())}
+    assert read_env_file(tmp_path / ".deepspeed_secrets") == {"HF_TOKEN": "tok_value_9"}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     text = report.describe()
     assert "NCCL_SOCKET_IFNAME (kept from the file)" in text and "not written: WANDB_API_KEY" in text
@@ -427,15 +449,19 @@ def test_run_stops_on_a_failed_preflight_before_starting_anything(tmp_path):
 
 def test_per_node_run_adds_the_env_file_variables_the_node_lacks(tmp_path, runnable):
     (tmp_path / ".deepspeed_env").write_text("HF_TOKEN=from_node0\nHF_HOME=/shared/hf\n")
-    env = fake_deepspeed(tmp_path, 'echo "ARGS $*"; echo "GOT ${HF_TOKEN:-none} ${HF_HOME:-none}"')
+    env = fake_deepspeed(tmp_path, 'echo "ARGS $*"; echo "GOT ${LAUNCHER_SECRETS:-none} ${HF_HOME:-none} '
+                                   '${HF_TOKEN:-none}"')
     env["HF_HOME"] = "/local/hf"
     proc = launch("--recipe", RECIPE, "--mode", "per-node", "--hostfile", LOOPBACK, "--node-rank", "1", "--run",
                   *runnable, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(proc.stdout.splitlines()[0].removeprefix("ARGS "))
     assert flag(argv, "--node_rank") == "1" and flag(argv, "--master_addr") == "localhost"
-    assert "GOT from_node0 /local/hf" in proc.stdout  # missing ones added, the node's own kept
-    assert "from_node0" not in proc.stderr
+    # missing ones added, the node's own kept; the secret (an older .deepspeed_env's) moved to the secrets file,
+    # which the ranks read, and never in the launcher's environment or output
+    assert f"GOT {tmp_path / '.deepspeed_secrets'} /local/hf none" in proc.stdout
+    assert read_env_file(tmp_path / ".deepspeed_secrets") == {"HF_TOKEN": "from_node0"}
+    assert "from_node0" not in proc.stderr + proc.stdout
 
 
 def test_run_explains_a_known_failure(tmp_path, runnable):
@@ -587,29 +613,3 @@ def test_printed_per_node_commands_rendezvous_on_loopback(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     for rank, output in enumerate(outputs):
         assert f"rank {rank} of 2 sum 3 ['--local_rank=0', '--recipe', {RECIPE!r}]" in output
-
-
-@pytest.mark.slow
-def test_single_run_trains_through_the_module_while_port_29500_is_held(tmp_path, tiny_model, demo_shards):
-    """DeepSpeed's default port held (a second job on the machine): `launch --mode single --run` picks a free
-    port, and a real 1-rank CPU training of the tiny recipe runs to its last step; started outside the
-    repository, every rank runs `python -u -m launcher.train`."""
-    try:
-        held = socket.create_server(("", DEFAULT_MASTER_PORT))
-    except OSError:  # someone already holds it: the situation this test is about
-        held = None
-    run_dir = tmp_path / "run"
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "launcher", "launch", "--recipe", RECIPE, "--num-gpus", "1",
-             "--run", "--set", f"model.name_or_path={tiny_model}", f"data.shards={demo_shards['shards']}",
-             f"output_dir={run_dir}", "optim.max_steps=2", "optim.warmup_steps=1", "eval.every_steps=0",
-             "checkpoint.every_steps=0", "checkpoint.keep_best=0", "logging.every_steps=1", "eval.test_at_end=false"],
-            cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=600)
-    finally:
-        if held is not None:
-            held.close()
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    running = shlex.split(next(line for line in proc.stderr.splitlines() if line.startswith("running: deepspeed ")))
-    assert int(flag(running, "--master_port")) != DEFAULT_MASTER_PORT and "--module" in running
-    assert read_log(run_dir)[-1]["step"] == 2

@@ -17,12 +17,15 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
 from launcher.errors import LauncherError
-from launcher.evaluate import EvalItem, evaluate, normalizer_for, scan_split, score
+from launcher.evaluation.items import EvalItem, scan_split
+from launcher.evaluation.longform import GAP_SECONDS, build_recordings, timestamp_checks
+from launcher.evaluation.run import evaluate
+from launcher.evaluation.scoring import normalizer_for, score
 from launcher.features import N_FRAMES
-from launcher.longform import GAP_SECONDS, build_recordings, timestamp_checks
 from launcher.model import DecodeSettings
-from launcher.recipe import load_recipe
-from launcher.shards import MelRef, load_index
+from launcher.recipe.load import load_recipe
+from launcher.shards.format import load_index
+from launcher.shards.reader import MelRef
 from tests.conftest import REPO, SMALL_FIXED_SET, run_cli, run_overrides, run_training
 from tests.test_evaluate import two_ranks
 
@@ -158,14 +161,14 @@ def test_a_recording_is_normalised_clip_by_clip_so_brackets_cannot_swallow_the_c
     assert alone["reference_normalized"] == norm(clips[3]).strip() == "toni polster"
 
 
-def test_recordings_over_30_s_decode_window_after_window_the_same_in_any_batch(tiny_model, demo_shards, tmp_path):
+def test_recordings_over_30_s_decode_window_after_window_the_same_in_any_batch(tiny_model_30s, demo_shards, tmp_path):
     """Without speakers the training clips make recordings of 36-39 s (long-form: generate slides its window) and
     one short leftover (short-form). Decoded alone or batched together, each recording gives the same result:
     short and long recordings never share a `generate` call, which would turn the short one long-form."""
     items = [dataclasses.replace(it, speaker=None)
              for it in scan_split(load_index(demo_shards["shards"]), "train", max_samples=32)]
-    processor = WhisperProcessor.from_pretrained(tiny_model)
-    model = WhisperForConditionalGeneration.from_pretrained(tiny_model).eval()
+    processor = WhisperProcessor.from_pretrained(tiny_model_30s)
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model_30s).eval()
     results = []
     for batch in (1, 3):
         settings = DecodeSettings(language="fr", batch_size=batch, max_new_tokens=12)
@@ -208,7 +211,7 @@ def test_periodic_evaluation_also_scores_long_form_and_keeps_choosing_by_clip_we
                                       "logging.every_steps=1", "eval.every_steps=2", "eval.max_new_tokens=8",
                                       "eval.max_samples=2", "eval.long_form_seconds=20", "checkpoint.keep_best=1"),
                         ranks=1)
-    out = proc.stdout + proc.stderr
+    out = proc.output
     assert "validation long-form (20 s recordings) WER" in out and "test long-form (20 s recordings) WER" in out
     long_val = json.loads((run_dir / "eval" / "validation-long-20s-step-2.json").read_text())
     long_test = json.loads((run_dir / "eval" / "test-long-20s-step-2.json").read_text())

@@ -6,13 +6,11 @@ worker, as in training, so the loader's own host-side work is not counted."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from launcher.train import SYNC_EVERY
-from tests.conftest import REPO, cpu_env, free_port
+from launcher.testing.commands import run_ranks
+from launcher.training.step import SYNC_EVERY
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +22,8 @@ def probe(tiny_model, shards, tmp_path, steps: int) -> dict:
             "data.batch_size_per_gpu=1",  # counts, not compute: the smallest batch
             f"logging.every_steps={steps}", f"eval.every_steps={steps}", "eval.max_samples=2",
             "eval.max_new_tokens=4", "eval.test_at_end=false", "checkpoint.every_steps=0", "checkpoint.keep_best=1"]
-    proc = subprocess.run([sys.executable, "tests/loop_probe.py", str(out), "--", "--recipe", "recipes/tiny_demo.yaml",
-                           "--set", *sets], cwd=REPO, env=cpu_env(MASTER_PORT=str(free_port())), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ranks("tests/loop_probe.py", [str(out), "--", "--recipe", "recipes/tiny_demo.yaml", "--set", *sets], ranks=1,
+              logs=tmp_path / f"logs-{steps}")
     result = json.loads(out.read_text())
     assert result["code"] == 0
     return result

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.recipe import CPU_RANK_BASELINE_GIB, deepspeed_config, load_recipe, memory_estimate
+from launcher.recipe.ds_config import deepspeed_config
+from launcher.recipe.load import load_recipe
+from launcher.recipe.memory import CPU_RANK_BASELINE_GIB, memory_estimate
 from tests.conftest import REPO
 
 GIB = 2**30

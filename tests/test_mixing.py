@@ -12,13 +12,17 @@ import pytest
 import torch
 from transformers import WhisperTokenizerFast
 
-from launcher.data import ShardStream, collate, resume_position, train_shards
+from launcher.data.labels import LabelEncoder
+from launcher.data.loader import collate
+from launcher.data.mixing import Mix, quotas, shares, train_shards
+from launcher.data.packing import PackSettings
+from launcher.data.plan import resume_position
+from launcher.data.stream import ShardStream, StreamSettings
 from launcher.errors import LauncherError
-from launcher.labels import LabelEncoder
-from launcher.mixing import Mix, quotas, shares
-from launcher.packing import PackSettings
-from launcher.recipe import check_against_data_and_model, load_recipe
-from launcher.shards import Shard, load_index
+from launcher.model import input_frames
+from launcher.recipe.checks import check_against_data_and_model
+from launcher.recipe.load import load_recipe
+from launcher.shards.format import Shard, load_index
 from tests.conftest import REPO
 from tests.test_data import rank_batches, run_ranks
 
@@ -30,7 +34,7 @@ def fake_sets(sizes_per_set: list[list[int]]) -> list[list[Shard]]:
 
 def covered(mix: Mix, epoch: int, world: int = 1, workers: int = 1) -> list[tuple[int, Shard, int, int]]:
     """(set, shard, in-shard position, epoch position) of every sample of an epoch, over ranks and workers."""
-    from launcher.data import DataPlan, worker_positions
+    from launcher.data.plan import DataPlan, worker_positions
 
     out = []
     for rank in range(world):
@@ -107,10 +111,11 @@ def two_sets(demo_shards) -> Mix:
     return Mix(parts, shares([44, 20], [1.0, 1.0], None), seed=3, shuffle=True)
 
 
-def mixed_stream(demo_shards, tokenizer, rank=0, world=1, **kw) -> ShardStream:
+def mixed_stream(demo_shards, tokenizer, rank=0, world=1, plan=None, skip_batches=0, **settings) -> ShardStream:
     labels = LabelEncoder(tokenizer, "fr", "transcribe", normalize=False, timestamps=True)
-    return ShardStream(two_sets(demo_shards), labels, rank=rank, world_size=world, seed=3, shuffle=True,
-                       shuffle_buffer=7, batch_size=2, languages=["fr", "es"], **kw)
+    return ShardStream(two_sets(demo_shards), labels, StreamSettings(seed=3, shuffle=True, shuffle_buffer=7,
+                                                                     batch_size=2, **settings),
+                       rank=rank, world_size=world, plan=plan, skip_batches=skip_batches, languages=["fr", "es"])
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["clips", "packed"])
@@ -146,7 +151,7 @@ def test_an_unlearned_language_token_is_read_but_not_a_target(demo_shards, token
     assert torch.equal(masked["decoder_input_ids"], shift_tokens_right(learnt["labels"], s.labels.eot, s.labels.start))
     assert (masked["labels"][:, 0] == -100).all() and torch.equal(masked["labels"][:, 1:], learnt["labels"][:, 1:])
     model = WhisperForConditionalGeneration.from_pretrained(tiny_model)
-    features = torch.randn(4, 80, 3000)
+    features = torch.randn(4, 80, input_frames(model.config))
     a = model(input_features=features, labels=learnt["labels"]).logits
     b = model(input_features=features, labels=masked["labels"], decoder_input_ids=masked["decoder_input_ids"]).logits
     assert torch.equal(a, b)

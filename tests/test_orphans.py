@@ -1,10 +1,11 @@
 """No orphans: a command that is killed or stopped takes every process it started with it.
 
 - `launcher shard` SIGKILLed mid-run: its ProcessPoolExecutor workers, their forkserver and the multiprocessing
-  resource tracker (about 150 MB each) must all exit within seconds (launcher/shard.py's _Pool).
-- `launcher launch --run` stopped with SIGTERM to its process group (a terminal, `kill -- -PGID`, a container
-  stop): the ranks must save, and the command must not return before its last descendant has ended, none of
-  them left running with parent 1 meanwhile.
+  resource tracker (about 150 MB each) must all exit within seconds (launcher/shards/build.py's _Pool).
+- `launcher launch --run` (started outside the checkout, DeepSpeed's default port held: it picks a free one) stopped
+  with SIGTERM to its process group (a terminal, `kill -- -PGID`, a container stop): the ranks must save, and the
+  command must not return before its last descendant has ended, none of them left running with parent 1
+  meanwhile.
 - CPU ranks: DeepSpeed's shared-memory all-reduce files in /dev/shm (66 MB a rank, RAM) must not outlive the job.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +25,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, cpu_env, deepspeed_cmd, free_port
+from launcher.launch import DEFAULT_MASTER_PORT
+from launcher.testing.commands import run_ranks
+from tests.conftest import REPO, cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -110,14 +115,23 @@ def test_a_sigkilled_shard_run_leaves_no_worker_forkserver_or_resource_tracker(b
             proc.wait()
 
 
-def test_sigterm_to_the_group_of_launch_run_saves_and_the_command_outlives_every_process_it_started(
+def test_launch_run_picks_a_free_port_trains_through_the_module_and_sigterm_to_its_group_leaves_no_process(
         tiny_model, demo_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launcher", "launch", "--recipe", "recipes/tiny_demo.yaml", "--num-gpus", "2",
-           "--master-port", str(free_port()), "--run", "--set", f"model.name_or_path={tiny_model}",
+    """`launch --run` (one node, 2 ranks) started outside the checkout while DeepSpeed's default port 29500 is held
+    (a second job on the machine): it picks a free port and every rank runs `python -u -m launcher.train`. Then
+    SIGTERM to its process group (a terminal, `kill -- -PGID`, a container stop): the ranks save, and the command
+    does not return before its last descendant has ended, none of them left running with parent 1 meanwhile."""
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cmd = [sys.executable, "-m", "launcher", "launch", "--recipe", str(REPO / "recipes" / "tiny_demo.yaml"),
+           "--num-gpus", "2", "--run", "--set", f"model.name_or_path={tiny_model}",
            f"data.shards={demo_shards['shards']}", f"output_dir={run_dir}", "optim.max_steps=400",
            "eval.every_steps=0", "checkpoint.keep_best=0", "eval.test_at_end=false", "logging.every_steps=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    try:
+        held = socket.create_server(("", DEFAULT_MASTER_PORT))
+    except OSError:  # someone already holds it: the situation this test is about
+        held = None
+    proc = subprocess.Popen(cmd, cwd=elsewhere, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     output: list[bytes] = []
     reader = threading.Thread(target=lambda: output.extend(iter(lambda: proc.stdout.read1(65536), b"")),
@@ -175,7 +189,12 @@ def test_sigterm_to_the_group_of_launch_run_saves_and_the_command_outlives_every
         latest = (run_dir / "checkpoints" / "latest").read_text().strip()
         assert (run_dir / "checkpoints" / latest).is_dir()
         assert not (run_dir / "STOP").exists(), "the stop request is cleared once acted on"
+        running = shlex.split(next(line for line in text.splitlines() if line.startswith("running: deepspeed ")))
+        port = int(running[running.index("--master_port") + 1])
+        assert port != DEFAULT_MASTER_PORT and running[running.index("--module") + 1] == "launcher.train"
     finally:
+        if held is not None:
+            held.close()
         collect()
         kill_all(alive(seen.values()))
         if proc.poll() is None:
@@ -187,11 +206,7 @@ def test_cpu_ranks_leave_nothing_in_dev_shm(tmp_path):
     """DeepSpeed never removes its per-rank /dev/shm buffers: before the fix every 2-rank CPU run left 132 MB of RAM
     behind (14 GB after a day of tests). Their names are gone right after the process group starts, and the
     shared-memory all-reduce still works."""
-    port = free_port()
-    proc = subprocess.run(deepspeed_cmd("--num_gpus", "2", "--master_port", str(port), "--no_local_rank",
-                                        "tests/shm_probe.py", str(tmp_path)),
-                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    port = run_ranks("tests/shm_probe.py", [str(tmp_path)], logs=tmp_path / "logs").port
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert all(r["shm_op"] for r in ranks), "DeepSpeed's shared-memory all-reduce was not in use: nothing to check"
     assert [r["all_reduce"] for r in ranks] == [[2.0] * 4] * 2

@@ -26,7 +26,7 @@ def test_a_wheel_install_runs_from_anywhere_without_the_checkout(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
-    where = run("-c", "import launcher.demo as d, launcher.tiny_model as t; print(d.__file__); "
+    where = run("-c", "import launcher.assets as d, launcher.tiny_model as t; print(d.__file__); "
                       "print(d.DEMO_RECIPE.is_file(), len(list(d.DEMO_CORPUS.glob('clips/*.mp3'))), "
                       "len(t.demo_sentences()))").splitlines()
     assert where[0].startswith(str(site)) and where[1].split()[:1] == ["True"]

@@ -13,20 +13,16 @@ import torch
 from transformers import WhisperTokenizerFast
 
 from launcher import audio
-from launcher.data import (
-    ShardStream,
-    TrainedPositions,
-    collate,
-    loader_state,
-    resume_position,
-    train_loader,
-    train_shards,
-)
+from launcher.data.labels import LabelEncoder, Segment
+from launcher.data.loader import collate, train_loader
+from launcher.data.mixing import train_shards
+from launcher.data.packing import ClipRef, Packer, PackSettings
+from launcher.data.plan import TrainedPositions, loader_state, resume_position
+from launcher.data.stream import ShardStream, StreamSettings
 from launcher.errors import LauncherError
 from launcher.features import HOP_LENGTH, join_features, log_mel_spectrogram
-from launcher.labels import LabelEncoder, Segment
-from launcher.packing import ClipRef, Packer, PackSettings
-from launcher.shards import load_index, read_samples
+from launcher.shards.format import load_index
+from launcher.shards.reader import read_samples
 from tests.conftest import DEMO
 
 PACK = PackSettings.from_seconds(12.0, 0.2, same_speaker=False)
@@ -47,10 +43,11 @@ def train_meta(demo_shards) -> dict[str, dict]:
     return {m["id"]: m for s in shards for m in (json.loads(x.meta) for x in read_samples(s.path, load_mel=False))}
 
 
-def stream(demo_shards, encoder, rank=0, world=1, pack=PACK, **kw) -> ShardStream:
+def stream(demo_shards, encoder, rank=0, world=1, pack=PACK, plan=None, skip_batches=0) -> ShardStream:
     shards = train_shards(load_index(demo_shards["shards"]), "train")
-    return ShardStream(shards, encoder, rank=rank, world_size=world, seed=3, shuffle=True, shuffle_buffer=7,
-                       batch_size=2, pack=pack, timestamp_probability=0.5, prompt_probability=0.5, **kw)
+    settings = StreamSettings(seed=3, shuffle=True, shuffle_buffer=7, batch_size=2, pack=pack,
+                              timestamp_probability=0.5, prompt_probability=0.5)
+    return ShardStream(shards, encoder, settings, rank=rank, world_size=world, plan=plan, skip_batches=skip_batches)
 
 
 def epochs_of(gen, epochs: int) -> list[dict]:

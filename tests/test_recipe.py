@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from launcher.errors import LauncherError
-from launcher.recipe import deepspeed_config, load_recipe
+from launcher.recipe.ds_config import deepspeed_config
+from launcher.recipe.load import load_recipe
 from tests.conftest import REPO, run_cli
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
@@ -148,7 +149,7 @@ def test_buckets_grow_across_nodes_and_follow_the_model_width_under_zero3():
 
 
 def test_a_language_that_does_not_match_the_shards_is_refused(demo_shards, tiny_model, tmp_path):
-    from launcher.recipe import check_against_data_and_model
+    from launcher.recipe.checks import check_against_data_and_model
 
     recipe = load_recipe(REPO / "recipes" / "tiny_demo.yaml", [f"model.name_or_path={tiny_model}",
                                                                 f"data.shards={demo_shards['shards']}"])

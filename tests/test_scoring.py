@@ -6,7 +6,7 @@ import jiwer
 import pytest
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
-from launcher.evaluate import edit_distance, score
+from launcher.evaluation.scoring import edit_distance, score
 
 PAIRS = [
     ("Bonjour, comment allez-vous ?", "bonjour comment allez vous"),

@@ -17,8 +17,9 @@ import pytest
 import webdataset as wds
 
 from launcher import audio, features
+from launcher.testing.assets import second_language_corpus
 from launcher.text import clean_transcript
-from tests.conftest import DEMO, REPO, run_cli, second_language_corpus
+from tests.conftest import DEMO, REPO, run_cli
 
 EXPECTED_DROPS = {"bad_tsv_row": 1, "duplicate": 2, "empty_audio": 1, "empty_text": 1, "missing_audio": 1,
                   "too_long": 1, "unreadable_audio": 1}

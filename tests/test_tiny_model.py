@@ -24,6 +24,12 @@ FILES = ["config.json", "generation_config.json", "model.safetensors", "preproce
          "tokenizer_config.json"]
 
 
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_30s: Path) -> Path:
+    """Here the tiny model at its default, Whisper's real dimensions (the suite's runs use a 6 s window)."""
+    return tiny_model_30s
+
 def noise_features(folder: Path, seconds: float = 1.0) -> torch.Tensor:
     audio = (0.1 * np.random.default_rng(0).standard_normal(int(16000 * seconds))).astype(np.float32)
     extractor = WhisperFeatureExtractor.from_pretrained(folder)

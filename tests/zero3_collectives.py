@@ -17,13 +17,15 @@ import torch
 import torch.distributed as dist
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-from launcher.demo import DEMO_RECIPE
+from launcher.assets import DEMO_RECIPE
 from launcher.distributed import contiguous_range, init_distributed
-from launcher.evaluate import scan_split, transcribe
+from launcher.evaluation.decode import transcribe
+from launcher.evaluation.items import scan_split
 from launcher.features import pad_batch, stack_features
-from launcher.model import DecodeSettings, materialize
-from launcher.recipe import deepspeed_config, load_recipe
-from launcher.shards import load_index
+from launcher.model import DecodeSettings, input_frames, materialize
+from launcher.recipe.ds_config import deepspeed_config
+from launcher.recipe.load import load_recipe
+from launcher.shards.format import load_index
 
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_reduce", "broadcast",
                "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single", "barrier",
@@ -62,10 +64,11 @@ def main(model_dir: str, shards: str, out: str) -> None:
     # the same decoding on the ZeRO-3 module itself, of the same clip on both ranks (anything else would deadlock):
     # its hooks gather weights at every forward, i.e. at every decoded token
     engine.module.eval()
-    features = pad_batch(*stack_features([items[0].mel.load()]), torch.float32)
+    window = input_frames(engine.module.config)
+    features = pad_batch(*stack_features([items[0].mel.load()], window), torch.float32, window=window)
     with torch.no_grad():
         calls["phase"] = "hooked"
-        hooked = engine.module.generate(input_features=features, attention_mask=torch.ones(1, 3000),
+        hooked = engine.module.generate(input_features=features, attention_mask=torch.ones(1, window),
                                         generation_config=settings.generation_config(engine.module))
     calls["phase"] = "done"
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -21,21 +21,11 @@ import socket
 from pathlib import Path
 
 from launcher.doctor.checks import Check, Gpu, _line, failed, render
-from launcher.doctor.machine import (
-    check_deepspeed_ops,
-    check_disk,
-    check_driver,
-    check_flash_attn,
-    check_gpus,
-    check_model,
-    check_shards,
-    checkpoint_bytes,
-    disk_needed,
-    optimizer_class,
-    preflight_local,
-)
+from launcher.doctor.files import check_disk, check_model, check_shards, checkpoint_bytes, disk_needed
+from launcher.doctor.hardware import check_deepspeed_ops, check_driver, check_flash_attn, check_gpus, optimizer_class
+from launcher.doctor.machine import preflight_local
 from launcher.doctor.ranks import _odd_ones, _ranks_text, preflight_distributed
-from launcher.recipe import Recipe
+from launcher.recipe.schema import Recipe
 
 __all__ = ["Check", "Gpu", "check_deepspeed_ops", "check_disk", "check_driver", "check_flash_attn", "check_gpus",
            "check_model", "check_shards", "checkpoint_bytes", "disk_needed", "failed", "optimizer_class",
@@ -109,7 +99,7 @@ def run_doctor(recipe_path: Path, overrides: list[str] | None = None, *, world_s
                verify: bool = False) -> int:
     """The `doctor` command: 0 when no check failed, 1 otherwise (a recipe that does not load raises
     LauncherError, exit 2). Started by a launcher with WORLD_SIZE > 1, the distributed checks run too."""
-    from launcher.recipe import load_recipe
+    from launcher.recipe.load import load_recipe
 
     recipe = load_recipe(Path(recipe_path), overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from launcher.doctor.checks import Check, _run
-from launcher.doctor.machine import library_versions
-from launcher.recipe import Recipe, recipe_yaml
+from launcher.doctor.hardware import library_versions
+from launcher.recipe.load import recipe_yaml
+from launcher.recipe.schema import Recipe
 
 SHARED_READ_WAIT_S = 3.0  # a network filesystem may show another node's new file a moment late
 

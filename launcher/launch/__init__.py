@@ -7,8 +7,7 @@ recipe, the hostfile and that the options fit the mode, builds the exact command
 
 The parts: hostfile.py (hostfiles), commands.py (the command line of each mode, the SLURM script),
 envfile.py (.deepspeed_env and its secrets), advice.py (failure advice, running a command). This file: the
-options, their checks, the plan, and printing or running it. It imports nothing heavy (ranks import
-STOP_FILE from here).
+options, their checks, the plan, and printing or running it. It imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from launcher.launch.commands import (
     DEEPSPEED_LAUNCHERS,
     DEFAULT_MASTER_PORT,
     LAUNCHER_PROGRAMS,
-    STOP_FILE,
     TRAIN_MODULE,
     TRAIN_SCRIPT,
     SlurmJob,
@@ -53,9 +51,10 @@ from launcher.launch.envfile import (
     update_env_file,
 )
 from launcher.launch.hostfile import Host, parse_hostfile, world_size
+from launcher.run_folder import RunFolder
 
 __all__ = [
-    "DEFAULT_MASTER_PORT", "MODES", "STOP_FILE", "TRAIN_MODULE", "TRAIN_SCRIPT", "FailureContext", "Host",
+    "DEFAULT_MASTER_PORT", "MODES", "TRAIN_MODULE", "TRAIN_SCRIPT", "FailureContext", "Host",
     "LaunchOptions", "Mode", "env_with_file", "explain_launch_failure", "free_port", "installed_runner_flags",
     "is_propagated", "is_secret", "launch", "parse_hostfile", "read_env_file", "run_command", "train_entry",
     "update_env_file", "world_size",
@@ -78,9 +77,10 @@ class LaunchOptions:
     num_gpus: int | None = None
     node_rank: int | None = None
     master_addr: str | None = None
-    master_port: int | None = None  # single: a free port; multi-node modes: DEFAULT_MASTER_PORT
+    master_port: int | None = None  # None: a free port on node 0 when it is this machine (slurm: from the job id)
     launcher: str | None = None
     nodes: int | None = None
+    cpu_ranks: int | None = None  # slurm: ranks per node on a CPU partition (instead of --num-gpus)
     partition: str | None = None
     time: str | None = None
     write: str | None = None
@@ -107,6 +107,7 @@ _ONLY_FOR = {
     "launcher": ("--launcher", ("hostfile",)),
     "num_gpus": ("--num-gpus", ("single", "slurm")),
     "nodes": ("--nodes", ("slurm",)),
+    "cpu_ranks": ("--cpu-ranks", ("slurm",)),
     "partition": ("--partition", ("slurm",)),
     "time": ("--time", ("slurm",)),
     "write": ("--write", ("slurm",)),
@@ -127,7 +128,11 @@ def check_options(options: LaunchOptions) -> None:
                             f"e.g. hostfiles/two_nodes.txt)")
     if options.mode == "slurm" and options.nodes is None:
         raise LauncherError("--mode slurm needs --nodes N (the nodes to allocate) and --num-gpus G (GPUs per node)")
-    for flag, value in (("--num-gpus", options.num_gpus), ("--nodes", options.nodes)):
+    if options.num_gpus is not None and options.cpu_ranks is not None:
+        raise LauncherError("--num-gpus and --cpu-ranks: one or the other (GPUs per node, or ranks per node on a CPU "
+                            "partition)")
+    for flag, value in (("--num-gpus", options.num_gpus), ("--nodes", options.nodes),
+                        ("--cpu-ranks", options.cpu_ranks)):
         if value is not None and value <= 0:
             raise LauncherError(f"{flag} must be at least 1, got {value}")
     if options.master_port is not None and not 0 < options.master_port < 65536:
@@ -176,7 +181,6 @@ def cuda_device_count() -> int:
 def build_plan(options: LaunchOptions, train: Sequence[str], env_report: EnvFileReport | None, output_dir: Path
                ) -> Plan:
     """The commands (or script) for `options.mode`; `output_dir` is the recipe's, for SLURM's stop file."""
-    port = options.master_port if options.master_port is not None else DEFAULT_MASTER_PORT
     if options.mode == "single":
         gpus = options.num_gpus or max(cuda_device_count(), 1)  # 1: DeepSpeed on the CPU (DS_ACCELERATOR=cpu)
         port = options.master_port or free_port()  # 29500 would collide with a second job on this machine
@@ -184,30 +188,28 @@ def build_plan(options: LaunchOptions, train: Sequence[str], env_report: EnvFile
                     master_port=port)
     if options.mode == "slurm":
         require_no_ssh_support(installed_runner_flags())
-        gpus = options.num_gpus or _gpus_here_or_fail()
+        ranks = options.cpu_ranks or options.num_gpus or _gpus_here_or_fail()
         venv = os.environ.get("VIRTUAL_ENV") or (sys.prefix if sys.prefix != sys.base_prefix else None)
-        job = SlurmJob(options.nodes or 1, gpus, str(output_dir / STOP_FILE), port, Path(options.recipe).stem,
-                       options.partition, options.time, str(Path.cwd()), venv,
-                       os.environ.get("DS_ENV_FILE", ".deepspeed_env"))
-        return Plan(script=slurm_script(train, job), world_size=job.nodes * gpus, master_port=port)
+        job = SlurmJob(nodes=options.nodes or 1, ranks_per_node=ranks, stop_path=str(RunFolder(output_dir).stop_file),
+                       master_port=options.master_port, cpu=options.cpu_ranks is not None,
+                       job_name=Path(options.recipe).stem, partition=options.partition, time=options.time,
+                       workdir=str(Path.cwd()), venv=venv, env_file=os.environ.get("DS_ENV_FILE", ".deepspeed_env"))
+        return Plan(script=slurm_script(train, job), world_size=job.nodes * ranks, master_port=options.master_port)
     hosts = parse_hostfile(Path(options.hostfile or ""))
     addr = options.master_addr or hosts[0].name
+    port = options.master_port or rendezvous_port(addr)
     if options.mode == "hostfile":
-        return _plan_hostfile(options, train, hosts, addr, port,
-                              hide_exports=env_report is not None and env_report.has_secret)
+        return _plan_hostfile(options, train, hosts, addr, port)
     require_no_ssh_support(installed_runner_flags())
     return _plan_per_node(options, train, hosts, addr, port)
 
 
 def _plan_hostfile(options: LaunchOptions, train: Sequence[str], hosts: Sequence[Host], master_addr: str,
-                   master_port: int, hide_exports: bool) -> Plan:
-    cmd = hostfile_command(train, options.hostfile or "", master_addr, master_port, options.launcher, hide_exports)
+                   master_port: int) -> Plan:
+    cmd = hostfile_command(train, options.hostfile or "", master_addr, master_port, options.launcher)
     comment = (f"{len(hosts)} node(s), world size {world_size(hosts)}, started from here through "
                f"{options.launcher or 'pdsh'}")
-    notes = []
-    if hide_exports:
-        notes.append("--log_level warning: DeepSpeed logs its pdsh command line at info level, and that line holds "
-                     "the exported values of .deepspeed_env (secrets included)")
+    notes: list[str] = []
     return Plan([(comment, cmd)], notes=notes, world_size=world_size(hosts), master_port=master_port)
 
 
@@ -228,6 +230,22 @@ def _plan_per_node(options: LaunchOptions, train: Sequence[str], hosts: Sequence
     return Plan(commands, notes=notes, world_size=world_size(hosts), master_port=master_port)
 
 
+def rendezvous_port(master_addr: str) -> int:
+    """A port for a multi-node rendezvous on `master_addr`: one free right now when that is this machine (the usual
+    case: the command runs on node 0), else one picked at random above DeepSpeed's 29500, since another machine's
+    ports cannot be probed from here (pass --master-port to choose it)."""
+    import random
+    import socket
+
+    try:
+        here = {"localhost", socket.gethostname(), socket.getfqdn()}
+        local = master_addr in here or socket.gethostbyname(master_addr).startswith("127.") or \
+            socket.gethostbyname(master_addr) in socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        local = False
+    return free_port() if local else random.randint(DEFAULT_MASTER_PORT + 1, 60000)
+
+
 def _gpus_here_or_fail() -> int:
     count = cuda_device_count()
     if count <= 0:
@@ -238,12 +256,12 @@ def _gpus_here_or_fail() -> int:
 # ------------------------------------------------------------------------------------------------ the command
 def launch(options: LaunchOptions) -> int:
     """`python -m launcher launch`: check everything, write .deepspeed_env, then print or run the plan."""
-    from launcher.recipe import load_recipe
+    from launcher.recipe.load import load_recipe
 
     check_options(options)
     recipe = load_recipe(Path(options.recipe), list(options.overrides))  # fails here, before any node starts
     train = train_args(options.recipe, options.overrides, options.resume, train_entry())
-    env_report = None if options.mode == "single" else plan_env_file(os.environ, env_file_path())
+    env_report = None if options.mode == "single" else plan_env_file(_nodes_env(options), env_file_path())
     plan = build_plan(options, train, env_report, recipe.output_dir)
     if env_report is not None:
         env_report.write()
@@ -258,6 +276,14 @@ def launch(options: LaunchOptions) -> int:
         return 0
     context = FailureContext(plan.master_port, lambda: recipe_memory_note(recipe, plan.world_size))
     return _run_plan(options, plan, env_report, context, recipe)
+
+
+def _nodes_env(options: LaunchOptions) -> dict[str, str]:
+    """This environment, plus the hostfile's hosts in order (LAUNCHER_NODES): every rank can then name its node as the
+    hostfile does (`distributed.node_name`), where several nodes may share a host name."""
+    if options.mode not in ("hostfile", "per-node") or options.hostfile is None:
+        return dict(os.environ)
+    return {**os.environ, "LAUNCHER_NODES": ",".join(h.name for h in parse_hostfile(Path(options.hostfile)))}
 
 
 def _slurm_output(options: LaunchOptions, script: str) -> int:
@@ -285,10 +311,10 @@ def _run_plan(options: LaunchOptions, plan: Plan, env_report: EnvFileReport | No
         launcher = (options.launcher or "pdsh").lower()
         _program(LAUNCHER_PROGRAMS[launcher], f"--launcher {launcher}")
     if options.mode == "per-node" and env_report is not None:
-        env = env_with_file(os.environ, env_report.values)
+        env = env_with_file(os.environ, env_report.public)
     cmd = [_program("deepspeed", "DeepSpeed's launcher"), *cmd[1:]]
     print(f"running: {shlex.join(['deepspeed', *cmd[1:]])}", file=sys.stderr)
-    return run_command(cmd, env, context=context, stop_file=recipe.output_dir / STOP_FILE)
+    return run_command(cmd, env, context=context, stop_file=RunFolder(recipe.output_dir).stop_file)
 
 
 def _preflight(options: LaunchOptions, recipe, world_size: int) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 if TYPE_CHECKING:
-    from launcher.recipe import Recipe
+    from launcher.recipe.schema import Recipe
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,8 @@ def explain_launch_failure(returncode: int, output: str, context: FailureContext
 def recipe_memory_note(recipe: Recipe, world_size: int) -> str | None:
     """`validate`'s memory estimate as a phrase for the out-of-memory advice; None if it cannot be made (a hub
     model's config unreachable offline, ...): the advice then goes without numbers."""
-    from launcher.recipe import load_model_config, memory_estimate
+    from launcher.recipe.checks import load_model_config
+    from launcher.recipe.memory import memory_estimate
 
     try:
         est = memory_estimate(recipe, load_model_config(recipe.model.name_or_path), world_size)

@@ -13,9 +13,11 @@ DeepSpeed's runner, so it goes last among the runner's options, right before the
 
 from __future__ import annotations
 
+import os
 import shlex
 import socket
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,6 @@ LAUNCHER_PROGRAMS = {"pdsh": "pdsh", "openmpi": "mpirun", "mpich": "mpirun", "im
                      "slurm": "srun"}
 TRAIN_SCRIPT = "train_ds.py"
 TRAIN_MODULE = "launcher.train"
-STOP_FILE = "STOP"  # <output_dir>/STOP: every rank saves a checkpoint at its next step boundary and exits 0
 STOP_NOTICE_SECONDS = 300  # SLURM signals the batch shell this long before --time runs out
 
 
@@ -40,6 +41,18 @@ def free_port(host: str = "") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def cpu_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment of DeepSpeed ranks on the CPU (the demo, the test suite, CPU benchmarks): DeepSpeed's CPU
+    accelerator (gloo), one intra-op thread per rank (ranks share the cores), no tokenizer threads."""
+    return {**(os.environ if base is None else base), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def deepspeed_runner() -> str:
+    """DeepSpeed's `deepspeed` command installed beside this Python (found without activating its virtualenv)."""
+    return str(Path(sys.executable).parent / "deepspeed")
 
 
 def train_entry(cwd: Path | None = None) -> list[str]:
@@ -69,24 +82,21 @@ def single_command(train: Sequence[str], num_gpus: int, master_port: int) -> lis
 
 
 def hostfile_command(train: Sequence[str], hostfile: str, master_addr: str, master_port: int,
-                     launcher: str | None = None, hide_exports: bool = False) -> list[str]:
-    """All nodes from here: DeepSpeed reaches them through pdsh/ssh (or `launcher`).
-
-    `hide_exports` adds `--log_level warning`: at info level DeepSpeed logs the whole pdsh command line, which
-    carries `export NAME=VALUE` for every variable of .deepspeed_env, secrets included.
-    """
+                     launcher: str | None = None) -> list[str]:
+    """All nodes from here: DeepSpeed reaches them through pdsh/ssh (or `launcher`). It exports .deepspeed_env's
+    variables on the pdsh command line, which therefore holds no secret (`envfile`)."""
     cmd = ["deepspeed", "--hostfile", hostfile, "--master_addr", master_addr, "--master_port", str(master_port)]
     if launcher is not None:
         cmd += ["--launcher", launcher]
-    if hide_exports:
-        cmd += ["--log_level", "warning"]
     return cmd + list(train)
 
 
 def per_node_command(train: Sequence[str], hostfile: str, node_rank: int, master_addr: str, master_port: int
                      ) -> list[str]:
-    """Node `node_rank` only: `--no_ssh` makes DeepSpeed start this node's ranks and nothing else."""
-    return ["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node_rank),
+    """Node `node_rank` only: `--no_ssh` makes DeepSpeed start this node's ranks and nothing else. The nodes after the
+    first log at warning level: one node's worth of DeepSpeed's launcher lines is enough."""
+    quiet = ["--log_level", "warning"] if node_rank else []
+    return ["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node_rank), *quiet,
             "--master_addr", master_addr, "--master_port", str(master_port), *train]
 
 
@@ -95,9 +105,10 @@ class SlurmJob:
     """What the sbatch script needs; everything else comes from SLURM's variables at run time."""
 
     nodes: int
-    gpus_per_node: int
+    ranks_per_node: int  # GPUs per node, or ranks per node on a CPU partition (`cpu`)
     stop_path: str  # the recipe's output_dir / STOP_FILE, relative to workdir or absolute
-    master_port: int = DEFAULT_MASTER_PORT
+    master_port: int | None = None  # None: derived from the job id, so jobs sharing a node do not collide
+    cpu: bool = False  # a CPU partition: no GPU asked for, DeepSpeed's CPU accelerator
     job_name: str = "whisper"
     partition: str | None = None
     time: str | None = None
@@ -116,19 +127,25 @@ def slurm_script(train: Sequence[str], job: SlurmJob) -> str:
     large model; the script's trap creates the stop file instead, and the ranks stop themselves.
     """
     header = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
-              f"--gpus-per-node={job.gpus_per_node}", "--output=slurm-%x-%j.out",
+              *([] if job.cpu else [f"--gpus-per-node={job.ranks_per_node}"]), "--output=slurm-%x-%j.out",
               f"--signal=B:TERM@{STOP_NOTICE_SECONDS}"]
     header += [f"--partition={job.partition}"] * (job.partition is not None)
     header += [f"--time={job.time}"] * (job.time is not None)
     env = shlex.quote(job.env_file)
+    # node 0 logs DeepSpeed's launcher lines at info level, the others at warning: one node's worth of them
     per_node = ('deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" '
+                '--log_level "$([ "$SLURM_NODEID" = 0 ] && echo info || echo warning)" '
                 '--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" ' + shlex.join(train))
+    port = (f"MASTER_PORT={job.master_port}  # change it if another job on the first node holds this port"
+            if job.master_port else
+            "MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))  # from the job id: jobs sharing a node do not collide")
     venv = [f"source {shlex.quote(str(Path(job.venv) / 'bin' / 'activate'))}  # the virtualenv this was written "
             f"from"] if job.venv else []
     lines = [
         "#!/bin/bash",
         "# Written by `python -m launcher launch --mode slurm`: srun starts one DeepSpeed launcher per node",
-        f"# (--no_ssh, no pdsh), each starting {job.gpus_per_node} ranks; submit with `sbatch THIS_FILE`.",
+        f"# (--no_ssh, no pdsh), each starting {job.ranks_per_node} ranks"
+        f"{' on its CPUs' if job.cpu else ''}; submit with `sbatch THIS_FILE`.",
         *(f"#SBATCH {option}" for option in header),
         "set -e",
         f"cd {shlex.quote(job.workdir)}",
@@ -145,13 +162,14 @@ def slurm_script(train: Sequence[str], job: SlurmJob) -> str:
         "fi",
         "",
         "# node 0 = first host of the allocation = SLURM_NODEID 0: it hosts rank 0 and the rendezvous",
-        f"GPUS_PER_NODE={job.gpus_per_node}",
+        f"RANKS_PER_NODE={job.ranks_per_node}",
+        *(["export DS_ACCELERATOR=cpu  # a CPU partition: DeepSpeed's CPU accelerator (gloo)"] if job.cpu else []),
         "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1)",
-        f"MASTER_PORT={job.master_port}  # change it if another job on the first node holds this port",
+        port,
         "HOSTFILE=runs/slurm-$SLURM_JOB_ID.hostfile",
         "mkdir -p runs",
         "scontrol show hostnames \"$SLURM_JOB_NODELIST\" | while read -r host; do",
-        "  echo \"$host slots=$GPUS_PER_NODE\"",
+        "  echo \"$host slots=$RANKS_PER_NODE\"",
         "done > \"$HOSTFILE\"",
         "if [ -z \"$MASTER_ADDR\" ] || [ ! -s \"$HOSTFILE\" ]; then",
         "  echo \"no hosts from scontrol show hostnames '$SLURM_JOB_NODELIST'\" >&2; exit 1",

@@ -1,10 +1,14 @@
-"""`.deepspeed_env`: how the variables of this shell (hub token, wandb, NCCL tuning) reach the other nodes.
+"""`.deepspeed_env`: how the variables of this shell (hub cache, wandb, NCCL tuning, DeepSpeed's accelerator) reach
+the other nodes, and `.deepspeed_secrets`: how its secrets (HF_TOKEN, WANDB_API_KEY) do, on no command line.
 
 DeepSpeed's multi-node runner exports to every node the `NAME=VALUE` lines of `.deepspeed_env`, read from `~`
-and then from the current directory (`DS_ENV_FILE` renames it). Writing the value into that file is how a
-secret (HF_TOKEN, WANDB_API_KEY) gets there, so the file has mode 0600 and only names are ever printed.
-DeepSpeed reads it only when it starts the nodes itself (pdsh/MPI); with `--no_ssh` it does not, so the SLURM
-script and `per-node --run` add the variables from it that a node's environment lacks (`env_with_file`).
+and then from the current directory (`DS_ENV_FILE` renames it), as `export NAME=VALUE;` on the pdsh command line:
+readable in the process list of every node for as long as the job runs. So secrets go to `.deepspeed_secrets` beside
+it instead (mode 0600, like `.deepspeed_env`), whose path `.deepspeed_env` carries as LAUNCHER_SECRETS; every rank
+reads the variables it lacks from there at its start (`load_secrets`), from the same path on every node (a shared
+filesystem, or a copy). Only names are ever printed. DeepSpeed reads `.deepspeed_env` only when it starts the nodes
+itself (pdsh/MPI); with `--no_ssh` it does not, so the SLURM script and `per-node --run` add the variables from it
+that a node's environment lacks (`env_with_file`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 from launcher.errors import LauncherError
 
 PROPAGATED_PREFIXES = ("HF_", "HUGGING_FACE_", "WANDB_", "NCCL_", "TORCH_NCCL_", "TRANSFORMERS_")
-PROPAGATED_NAMES = ("PYTHONPATH",)
+PROPAGATED_NAMES = ("PYTHONPATH", "DS_ACCELERATOR", "LAUNCHER_NODES")
+SECRETS_VARIABLE = "LAUNCHER_SECRETS"  # in .deepspeed_env: where the secrets file is
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 # DeepSpeed's pdsh runner double-quotes a value with any other character, so the remote shell would expand
 # `$`, backquotes and backslashes, and a `"` would end the quoting; it also strips surrounding whitespace.
@@ -44,16 +49,38 @@ def env_file_path(cwd: Path | None = None, environ: Mapping[str, str] | None = N
     return (Path.cwd() if cwd is None else cwd) / environ.get("DS_ENV_FILE", ".deepspeed_env")
 
 
+def secrets_path(env_file: Path) -> Path:
+    """The secrets file beside `.deepspeed_env` (DS_ENV_FILE's name plus `.secrets` when renamed)."""
+    name = ".deepspeed_secrets" if env_file.name == ".deepspeed_env" else f"{env_file.name}.secrets"
+    return env_file.with_name(name)
+
+
 @dataclass
 class EnvFileReport:
-    """What `update_env_file` did, by variable name only (values never leave the file)."""
+    """What `update_env_file` did, by variable name only (values never leave the files)."""
 
     path: Path
-    values: dict[str, str] = field(default_factory=dict)
+    values: dict[str, str] = field(default_factory=dict)  # all of them, secrets included
     from_env: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     written: bool = False
+
+    @property
+    def secrets_path(self) -> Path:
+        return secrets_path(self.path)
+
+    @property
+    def public(self) -> dict[str, str]:
+        """What `.deepspeed_env` holds: the values that are not secret, and the secrets file's path."""
+        out = {k: v for k, v in self.values.items() if not is_secret(k) and k != SECRETS_VARIABLE}
+        if self.has_secret:
+            out[SECRETS_VARIABLE] = str(self.secrets_path.resolve())
+        return out
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        return {k: v for k, v in self.values.items() if is_secret(k)}
 
     def describe(self) -> str:
         if not self.written:
@@ -61,16 +88,20 @@ class EnvFileReport:
                     f"PYTHONPATH variable in this environment")
         names = [_label(n) for n in self.from_env] + [f"{_label(n)} (kept from the file)" for n in self.kept]
         text = f"wrote {self.path}: {', '.join(names) or 'nothing'}"
+        if self.has_secret:
+            text += f" (the hidden ones into {self.secrets_path}, mode 0600, which every rank reads at its start)"
         if self.skipped:
             text += (f"\nnot written: {', '.join(self.skipped)}: DeepSpeed's runner would mangle the value (it has "
                      f"one of \" $ ` \\, a line break or surrounding spaces); set it on every node yourself")
         return text
 
     def write(self) -> None:
-        """Write the file, unless there is nothing to write and no file to update."""
+        """Write the files, unless there is nothing to write and no file to update."""
         if self.values or self.path.is_file():
-            write_env_file(self.path, self.values)
+            write_env_file(self.path, self.public)
             self.written = True
+        if self.has_secret or self.secrets_path.is_file():
+            write_env_file(self.secrets_path, self.secrets)
 
     @property
     def has_secret(self) -> bool:
@@ -144,6 +175,9 @@ def update_env_file(environ: Mapping[str, str], path: Path) -> EnvFileReport:
 def plan_env_file(environ: Mapping[str, str], path: Path) -> EnvFileReport:
     """What `update_env_file` will write, computed without writing (so a later error leaves no file behind)."""
     existing = read_env_file(path) if path.is_file() else {}
+    existing.pop(SECRETS_VARIABLE, None)
+    if secrets_path(path).is_file():
+        existing.update(read_env_file(secrets_path(path)))
     values, skipped = propagated_env(environ, path.parent)
     return EnvFileReport(path, {**existing, **values}, sorted(values), sorted(set(existing) - set(values)), skipped)
 
@@ -155,3 +189,22 @@ def env_with_file(environ: Mapping[str, str], file_values: Mapping[str, str]) ->
     started per node gets the file's variables only this way.
     """
     return {**{k: v for k, v in file_values.items() if k not in environ}, **environ}
+
+
+def load_secrets(environ: dict | None = None) -> list[str]:
+    """At a rank's start: the variables of the secrets file that `.deepspeed_env` names (LAUNCHER_SECRETS) and this
+    process lacks, into its environment. Returns their names."""
+    from launcher.errors import LauncherError
+
+    environ = os.environ if environ is None else environ
+    path = environ.get(SECRETS_VARIABLE)
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise LauncherError(f"{SECRETS_VARIABLE} names {path}, which this node does not have: `launch` wrote it on the "
+                            "node it ran on; put the run's working folder on a filesystem every node shares, or copy "
+                            "the file there (mode 0600)")
+    added = [k for k in read_env_file(Path(path)) if k not in environ]
+    for name, value in read_env_file(Path(path)).items():
+        environ.setdefault(name, value)
+    return added

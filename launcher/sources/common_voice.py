@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import fsspec
 
 from launcher.errors import LauncherError
-from launcher.sources import Clip, clip_id, natural_key, read_clip
+from launcher.sources.base import Clip, clip_id, natural_key, read_clip
 
 CV_SPLIT_FILES = {"train": "train", "validation": "dev", "test": "test"}
 REQUIRED_COLUMNS = ("path", "sentence")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from launcher.errors import LauncherError
-from launcher.sources import SPLITS, Clip, clip_id
+from launcher.sources.base import SPLITS, Clip, clip_id
 
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "valid"), "test": ("test",)}
 TEXT_COLUMNS = ("sentence", "text", "transcription", "transcript", "normalized_text")

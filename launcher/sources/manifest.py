@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from launcher.errors import LauncherError
-from launcher.sources import SPLITS, Clip, read_clip
+from launcher.sources.base import SPLITS, Clip, read_clip
 
 ALIASES = {"dev": "validation", "valid": "validation"}
 

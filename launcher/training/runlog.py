@@ -1,10 +1,12 @@
-"""What rank 0 shows and writes while training: a progress display, train_log.jsonl, TensorBoard (and W&B).
+"""What a run writes as it trains: rank 0's progress display, train_log.jsonl, TensorBoard (and W&B); every rank's
+samples/rank-R.jsonl (`SampleLog`); and both cut back to a checkpoint's step on a resume.
 
 Other ranks get a logger that does nothing, so the loop never branches on the rank to log."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +15,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from launcher.console import RateColumn
+from launcher.run_folder import RunFolder
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, max_steps: int, start_step: int, tensorboard: bool,
+    def __init__(self, run: RunFolder, *, enabled: bool, max_steps: int, start_step: int, tensorboard: bool,
                  wandb_project: str | None = None, wandb_config: dict | None = None, wandb_id: str | None = None):
         self.enabled = enabled
         self.console = Console(stderr=True)
@@ -24,17 +27,17 @@ class RunLogger:
         self.wandb_id = wandb_id
         if not enabled:
             return
-        self.jsonl = open(Path(run_dir) / "train_log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.jsonl = open(run.train_log, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(run.tensorboard))
         if wandb_project:
             import wandb
 
-            self.wandb_run = wandb.init(project=wandb_project, name=Path(run_dir).name, config=wandb_config,
-                                        id=wandb_id, resume="allow", dir=str(run_dir))
+            self.wandb_run = wandb.init(project=wandb_project, name=run.name, config=wandb_config,
+                                        id=wandb_id, resume="allow", dir=str(run.root))
             self.wandb_id = self.wandb_run.id
         self.live = self.console.is_terminal
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -104,3 +107,39 @@ class RunLogger:
             self.tb.close()
         if self.wandb_run:
             self.wandb_run.finish()
+
+
+class SampleLog:
+    """samples/rank-R.jsonl: the ids (and epochs) of every clip this rank trained on, step by step (with packing, the
+    clips of each window). Line-buffered: every step's ids are on disk before the next step, whatever kills the
+    process."""
+
+    def __init__(self, path: Path, packed: bool):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.packed = packed
+        self.file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
+
+    def write(self, step: int, batches: list[dict]) -> None:
+        for batch in batches:
+            record = {"step": step, "ids": batch["ids"], "epochs": batch["epochs"]}
+            if self.packed:
+                record["windows"] = batch["windows"]
+            self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records after `step`: they were logged after the checkpoint being resumed and will be redone."""
+    if path.is_file():
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError):  # a line torn by the kill
+                continue
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        os.replace(tmp, path)

@@ -46,7 +46,7 @@ class ClipRef:
     text_ids: tuple[int, ...]
     seconds: float
     mel: bytes  # the stored .npy, loaded only for the windows that are trained on
-    frames: int = 0  # of the stored features; read from the .npy header when packing
+    frames: int = 0  # of the stored features, from the .npy header
     speaker: str | None = None
     language: str | None = None  # of its shard set: a window holds one language
 

@@ -25,7 +25,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from launcher.errors import LauncherError
-from launcher.shards import Shard, ShardIndex
+from launcher.shards.format import Shard, ShardIndex
+
+
+def train_shards(index: ShardIndex, split: str) -> list[Shard]:
+    """The split's non-empty shards, in index order."""
+    shards = [s for s in index.shards(split) if s.samples]
+    if not shards:
+        raise LauncherError(f"split {split!r} in {index.folder} has no samples")
+    return shards
+
+
 
 
 @dataclass(frozen=True)
@@ -100,8 +110,6 @@ class Mix:
     def of(cls, sets: Sequence[LanguageSet], split: str, temperature: float | None, *, seed: int,
            shuffle: bool) -> Mix:
         """The mix of a run's sets (`recipe.check_against_data_and_model`) on its training split."""
-        from launcher.data import train_shards
-
         parts = [train_shards(s.index, split) for s in sets]
         sizes = [sum(sh.samples for sh in part) for part in parts]
         return cls(parts, shares(sizes, [s.weight for s in sets], temperature), seed=seed, shuffle=shuffle)

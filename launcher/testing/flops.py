@@ -24,6 +24,7 @@ stays at 3 x: recomputation lowers MFU, as it should.
 
 from __future__ import annotations
 
+H100_DENSE_16BIT_TFLOPS = 989.0
 AUDIO_FRAMES = 3000  # log-mel frames in Whisper's 30 s window
 ENCODER_POSITIONS = 1500  # after the stride-2 convolution
 

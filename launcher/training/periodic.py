@@ -1,7 +1,8 @@
 """Evaluation inside training: validation WER every `eval.every_steps`, the best checkpoints by WER, and at the
 end the delivered model: the best by WER (else the last weights), exported to final/, scored on test, carded.
-With `eval.long_form_seconds`, each of those evaluations is also scored long-form (`launcher.longform`), logged as
-wer_long beside the clip WER; the best checkpoint is still the one with the best clip WER.
+With `eval.long_form_seconds`, each of those evaluations is also scored long-form
+(`launcher.evaluation.longform`), logged as wer_long beside the clip WER; the best checkpoint is still the one with
+the best clip WER.
 
 With several shard sets (languages), each evaluation scores every language's split with its own language token,
 reports `<split>-<language>` and logs each language's WER and their mean; the best checkpoint is the one with the
@@ -9,20 +10,24 @@ best mean (or one language's WER: `eval.select_by`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from launcher.checkpoint import LoopState, export_hf, load_weights, tag
-from launcher.evaluate import EvalItem, clips_on_rank, evaluate, mean_wer, scan_split, split_label, write_mean_report
-from launcher.mixing import LanguageSet
+from launcher.data.mixing import LanguageSet
+from launcher.evaluation.items import EvalItem, scan_split
+from launcher.evaluation.reports import split_label, write_mean_report
+from launcher.evaluation.run import clips_on_rank, evaluate
+from launcher.evaluation.scoring import mean_wer
 from launcher.model import DecodeSettings
-from launcher.recipe import Recipe, recipe_yaml, whisper_language_code
+from launcher.recipe.checks import whisper_language_code
+from launcher.recipe.load import recipe_yaml
+from launcher.recipe.schema import Recipe
+from launcher.run_folder import RunFolder, tag
+from launcher.training.checkpoint import LoopState, export_hf, load_weights
 
 
 class PeriodicEval:
     def __init__(self, recipe: Recipe, sets: list[LanguageSet], engine, processor, device, dtype, logger, watchdog):
         self.recipe, self.sets, self.engine, self.processor = recipe, sets, engine, processor
         self.device, self.dtype, self.logger, self.watchdog = device, dtype, logger, watchdog
-        self.run_dir = Path(recipe.output_dir)
+        self.folder = RunFolder(recipe.output_dir)
         self.several = len(sets) > 1
         e = recipe.eval
         self.settings = {s.language: DecodeSettings(language=s.language, task=recipe.model.task,
@@ -61,8 +66,8 @@ class PeriodicEval:
 
             self.watchdog.beat()
             report = evaluate(self.engine.module, self.processor.tokenizer, items, self.settings[s.language],
-                              split=name, device=self.device, dtype=self.dtype, out_dir=self.run_dir / "eval",
-                              step=step, model_name=str(self.run_dir), recipe_text=self.recipe_text,
+                              split=name, device=self.device, dtype=self.dtype, out_dir=self.folder.eval,
+                              step=step, model_name=str(self.folder.root), recipe_text=self.recipe_text,
                               progress=progress, long_form=long_form)
         shared = [report]
         dist.broadcast_object_list(shared, src=0)
@@ -95,7 +100,7 @@ class PeriodicEval:
             self.logger.print(f"step {step}: {split} mean WER {mean:.2f}% over {', '.join(reports)}")
             self.logger.scalars(f"eval/{split}", step, {"wer_mean": mean})
             if self.logger.enabled:
-                write_mean_report(self.run_dir / "eval", split, step, reports)
+                write_mean_report(self.folder.eval, split, step, reports)
         return reports
 
     def selection_wer(self, reports: dict[str, dict]) -> float:
@@ -110,7 +115,7 @@ class PeriodicEval:
             first = first or reports
         if loop.record_wer(self.selection_wer(first), step, self.recipe.checkpoint.keep_best):
             self.watchdog.beat()
-            export_hf(self.engine, self.run_dir / "best", self.processor, self.export_settings)
+            export_hf(self.engine, self.folder.best, self.processor, self.export_settings)
 
     def deliver(self, loop: LoopState) -> None:
         """The end of a finished run: load the best checkpoint (by validation WER) or keep the last weights, export
@@ -121,10 +126,10 @@ class PeriodicEval:
         if loop.best:
             wer, step = loop.best[0]
             self.watchdog.beat()
-            load_weights(self.engine, self.run_dir / "checkpoints", tag(step))
+            load_weights(self.engine, self.folder.checkpoints, tag(step))
             which = f"{self.select_by} " if self.several else ""
             selected = f"{tag(step)}, best {self.recipe.eval.splits[0]} {which}WER {wer:.2f}%"
-        final = self.run_dir / "final"
+        final = self.folder.final
         self.watchdog.beat()
         export_hf(self.engine, final, self.processor, self.export_settings)
         tests = {}
@@ -135,7 +140,7 @@ class PeriodicEval:
                     self._long_form(s, "test", step, None)
         if self.logger.enabled:
             if tests:
-                write_model_card(final, name=self.run_dir.name, base_model=self.recipe.model.name_or_path,
+                write_model_card(final, name=self.folder.name, base_model=self.recipe.model.name_or_path,
                                  sets=self.sets, reports=tests, steps=loop.step, selected=selected,
                                  recipe_text=self.recipe_text)
                 for language, test in tests.items():
@@ -144,6 +149,6 @@ class PeriodicEval:
                                       f"{selected}")
                 if self.several:
                     self.logger.print(f"test mean WER {mean_wer(tests):.2f}% over {', '.join(tests)}")
-                    write_mean_report(self.run_dir / "eval", "test", step, tests)
-            self.logger.print(f"done: {loop.step} steps. Model: {final}  log: {self.run_dir / 'train_log.jsonl'}")
+                    write_mean_report(self.folder.eval, "test", step, tests)
+            self.logger.print(f"done: {loop.step} steps. Model: {final}  log: {self.folder.train_log}")
 

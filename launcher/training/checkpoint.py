@@ -5,7 +5,7 @@ runs/<name>/checkpoints/step-N/   DeepSpeed's files (model, optimizer, scheduler
                                   batches consumed, best WER so far, logger run id, world size), recipe.yaml
 runs/<name>/checkpoints/step-N/universal/   the same state in DeepSpeed's universal form, made on a resume
                                   on another number of ranks
-runs/<name>/checkpoints/latest    the tag to resume from
+runs/<name>/checkpoints/latest    the tag to resume from (launcher.run_folder names these paths)
 
 Atomicity: every rank writes into step-N.tmp/, all ranks meet, rank 0 renames the folder to step-N/ and only
 then replaces `latest` (write + rename). A crash at any point leaves either the previous checkpoint as latest
@@ -34,9 +34,9 @@ from deepspeed.checkpoint.constants import (
 )
 
 from launcher.errors import LauncherError
+from launcher.run_folder import RunFolder, step_of, tag
 
 LOOP_STATE = "loop.json"
-LATEST = "latest"
 UNIVERSAL = "universal"
 
 
@@ -47,10 +47,6 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def tag(step: int) -> str:
-    return f"step-{step}"
 
 
 @dataclass
@@ -106,10 +102,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, run_dir: Path, loop: LoopState, rank_state: dict, *, keep_last: int,
+def save_checkpoint(engine, run: RunFolder, loop: LoopState, rank_state: dict, *, keep_last: int,
                     recipe_text: str) -> Path:
     """Collective: every rank calls it. Prunes to the newest `keep_last` plus the best by WER (`loop.best`)."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = run.checkpoints
     rank = dist.get_rank()
     name, tmp_tag = tag(loop.step), f"{tag(loop.step)}.tmp"
     if rank == 0:
@@ -127,9 +123,9 @@ def save_checkpoint(engine, run_dir: Path, loop: LoopState, rank_state: dict, *,
         _write_atomic(folder / tmp_tag / "recipe.yaml", recipe_text)
         shutil.rmtree(folder / name, ignore_errors=True)  # the same step saved again after a resume
         os.rename(folder / tmp_tag, folder / name)
-        _write_atomic(folder / LATEST, name)
-        steps = sorted((p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
-                       key=lambda p: int(p.name[5:]))
+        _write_atomic(run.latest, name)
+        steps = sorted((p for p in folder.glob("step-*") if p.is_dir() and step_of(p.name) is not None),
+                       key=lambda p: step_of(p.name))
         for old in steps[:-keep_last]:
             if old.name not in loop.kept_tags:
                 shutil.rmtree(old, ignore_errors=True)
@@ -148,13 +144,14 @@ class ResumePoint:
         return self.loop.world_size
 
 
-def find_resume_point(run_dir: Path) -> ResumePoint:
+def find_resume_point(run: RunFolder) -> ResumePoint:
     """The checkpoint `latest` names, checked complete; read before the engine exists (its world size decides
     whether DeepSpeed must load it as a universal checkpoint)."""
-    folder = Path(run_dir) / "checkpoints"
-    if not (folder / LATEST).is_file():
-        raise LauncherError(f"--resume: no checkpoint in {folder} (no '{LATEST}' file); start without --resume")
-    name = (folder / LATEST).read_text().strip()
+    folder = run.checkpoints
+    if not run.latest.is_file():
+        raise LauncherError(f"--resume: no checkpoint in {folder} (no '{run.latest.name}' file); start without "
+                            "--resume")
+    name = run.latest.read_text().strip()
     if not (folder / name / LOOP_STATE).is_file():
         raise LauncherError(f"--resume: {folder / name} is incomplete (no {LOOP_STATE})")
     return ResumePoint(folder, name, LoopState.from_json(json.loads((folder / name / LOOP_STATE).read_text())))

@@ -22,19 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from launcher.features import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, join_features, pad_batch, pad_value
-from launcher.model import DecodeSettings
-
-if TYPE_CHECKING:
-    from launcher.evaluate import EvalItem
+from launcher.evaluation.items import EvalItem
+from launcher.features import FRAMES_PER_SECOND, join_features, pad_batch, pad_value
+from launcher.model import DecodeSettings, input_frames
 
 GAP_SECONDS = 0.5  # silence between joined clips
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH
 TIMESTAMP_SLACK = 0.5  # seconds a segment may end past the recording and still count as inside it
 
 
@@ -128,7 +124,7 @@ def _decode(model, tokenizer, config, mels: list[np.ndarray], device, dtype) -> 
     for i, m in enumerate(mels):
         stored[i, :, : m.shape[-1]] = torch.from_numpy(m)
     pads = torch.tensor([pad_value(float(m.max())) for m in mels])  # what silence after each recording gives
-    window = max(N_FRAMES, longest)
+    window = max(input_frames(model.config), longest)
     features = pad_batch(stored.to(device), frames.to(device), pads.to(device), dtype, window=window)
     mask = (torch.arange(window)[None, :] < frames[:, None]).long().to(device)  # long-form: each one's length
     out = model.generate(input_features=features, attention_mask=mask, generation_config=config,
@@ -163,7 +159,7 @@ def transcribe_recordings(model, tokenizer, recordings: list[Recording], setting
         batch = order[start:start + settings.batch_size]
         mels = [r.features() for r in batch]
         for long in (True, False):
-            part = [i for i, m in enumerate(mels) if (m.shape[-1] > N_FRAMES) == long]
+            part = [i for i, m in enumerate(mels) if (m.shape[-1] > input_frames(model.config)) == long]
             if not part:
                 continue
             texts, segments, segment_texts = _decode(model, tokenizer, config, [mels[i] for i in part], device,

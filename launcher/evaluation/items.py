@@ -1,0 +1,36 @@
+"""What an evaluation decodes: a split's clips, with where each one's features lie in its shard."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from launcher.errors import LauncherError
+from launcher.shards.format import ShardIndex
+from launcher.shards.reader import BadShard, MelRef, read_samples
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    text: str
+    seconds: float
+    mel: MelRef
+    speaker: str | None = None  # when the source names one: long-form joins only one speaker's clips
+
+
+def scan_split(index: ShardIndex, split: str, max_samples: int | None = None) -> list[EvalItem]:
+    """The split's samples in index order (the first `max_samples`), with where each one's features lie. Reads
+    the tars' headers and JSON once; callers keep the list for every evaluation of a run."""
+    items: list[EvalItem] = []
+    for shard in index.shards(split):
+        try:
+            for sample in read_samples(shard.path, load_mel=False):
+                meta = json.loads(sample.meta)
+                items.append(EvalItem(meta["id"], meta["text"], meta["seconds"], sample.mel_ref,
+                                      meta.get("speaker")))
+                if max_samples and len(items) >= max_samples:
+                    return items
+        except (BadShard, ValueError, KeyError, TypeError) as e:  # reported by shard, never half-scored
+            raise LauncherError(f"cannot read evaluation shard {shard.path}: {type(e).__name__}: {e}") from None
+    return items

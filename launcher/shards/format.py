@@ -1,0 +1,148 @@
+"""The shard format's contract (format "whisper-shards/1"): index.json, the members of a sample, sha256.
+
+Read tolerantly (unknown keys are allowed), written strictly:
+
+    OUT/index.json      format, features (n_mels, sampling_rate, n_fft, hop_length, dtype, frames), source (what
+                        was read, language), splits (samples, seconds, shards: path relative to OUT, samples,
+                        seconds, bytes, sha256), dropped (count by reason)
+    OUT/dropped.jsonl   one line per dropped clip: id, split, reason, detail
+    OUT/<split>/*.tar   WebDataset tars; one sample = KEY.mel.npy (float16 [n_mels, frames], unpadded) + KEY.json
+                        (id, text, lang, seconds[, speaker]); .npy is loaded with allow_pickle=False, nothing is
+                        unpickled
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.errors import LauncherError
+
+FORMAT = "whisper-shards/1"
+INDEX_FILE = "index.json"
+DROPPED_FILE = "dropped.jsonl"
+MEL = "mel.npy"  # member suffixes of one sample: KEY.mel.npy and KEY.json
+META = "json"
+
+
+def sample_key(clip_id: str) -> str:
+    """A WebDataset key for an id: no dots (they start the member suffix) and no path separators. Ids that need
+    changing get a short hash of the original, so distinct ids never share a key."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", clip_id)
+    return safe if safe == clip_id else f"{safe}-{hashlib.sha1(clip_id.encode()).hexdigest()[:8]}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar of a split, as index.json lists it (path made absolute)."""
+
+    path: Path
+    samples: int
+    seconds: float = 0.0
+    bytes: int | None = None
+    sha256: str | None = None
+
+    def problem(self, hash_it: bool = True) -> str | None:
+        """None if the file exists with the index's size (and sha256, when `hash_it`), else what is wrong, worded
+        to follow the shard's name."""
+        if not self.path.is_file():
+            return "is missing"
+        size = self.path.stat().st_size
+        if self.bytes is not None and size != self.bytes:
+            return f"has {size} bytes, index.json says {self.bytes}"
+        if hash_it and self.sha256 and sha256_file(self.path) != self.sha256:
+            return "does not match its sha256 in index.json"
+        return None
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """index.json, read once and passed to whoever needs the shards (recipe checks, loader, evaluation, card)."""
+
+    folder: Path
+    data: dict
+
+    @property
+    def n_mels(self) -> int | None:
+        return self.data["features"].get("n_mels")
+
+    @property
+    def source(self) -> dict:
+        return self.data.get("source") or {}
+
+    @property
+    def language(self) -> str | None:
+        return self.source.get("language")
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.data["splits"])
+
+    def has_split(self, split: str) -> bool:
+        return split in self.data["splits"]
+
+    def _split(self, split: str) -> dict:
+        if split not in self.data["splits"]:
+            raise LauncherError(f"{self.folder / INDEX_FILE} has no split {split!r} (it has: "
+                                f"{', '.join(self.data['splits'])})")
+        return self.data["splits"][split]
+
+    def samples(self, split: str) -> int:
+        return self._split(split)["samples"]
+
+    def shards(self, split: str) -> list[Shard]:
+        """The split's shards in index order, empty ones included (positions count through them)."""
+        return [Shard(self.folder / s["path"], s["samples"], s.get("seconds", 0.0), s.get("bytes"), s.get("sha256"))
+                for s in self._split(split)["shards"]]
+
+
+def load_index(folder: Path) -> ShardIndex:
+    """Read and check OUT/index.json; unknown extra keys are allowed (readers are tolerant)."""
+    folder = Path(folder)
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        raise LauncherError(f"{path} does not exist: run `python -m launcher shard` first, or point at the folder "
+                            "that holds index.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LauncherError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise LauncherError(f"{path}: format is {data.get('format') if isinstance(data, dict) else None!r}, "
+                            f"expected {FORMAT!r}")
+    for key in ("features", "splits"):
+        if not isinstance(data.get(key), dict):
+            raise LauncherError(f"{path}: missing or malformed {key!r}")
+    return ShardIndex(folder, data)
+
+
+def features_entry(n_mels: int) -> dict:
+    """index.json's `features`: what the stored log-mel is and how to pad it back to Whisper's window."""
+    from launcher import features
+
+    return {"n_mels": n_mels, "sampling_rate": features.SAMPLE_RATE, "n_fft": features.N_FFT,
+            "hop_length": features.HOP_LENGTH, "dtype": "float16", "frames": features.N_FRAMES,
+            "padding": "unpadded; pad to frames with max(stored max - 2, -1.5)"}
+
+
+def write_index(folder: Path, data: dict, dropped: list[dict]) -> None:
+    """Write dropped.jsonl and then index.json (atomically: a reader never sees half an index)."""
+    folder = Path(folder)
+    with open(folder / DROPPED_FILE, "w", encoding="utf-8") as f:
+        for row in dropped:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp = folder / f"{INDEX_FILE}.tmp"
+    tmp.write_text(json.dumps({"format": FORMAT, **data}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / INDEX_FILE)
