@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup services demo test test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,23 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(PY) -m launcher demo
 
+# Debian's packages whose daemons the multi-node tests start for real (sshd and pdsh, munge, a Slurm controller and
+# its node daemons), each in a temporary folder of its own: installed where this is root and apt-get reaches the
+# package index; elsewhere those tests are skipped with the reason (CI sets LAUNCHER_REQUIRE_SERVICES=1: it must not)
+SERVICES := openssh-server pdsh munge slurmctld slurmd slurm-client
+services:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s $(SERVICES) >/dev/null 2>&1; then \
+		echo "installing $(SERVICES) (for the multi-node tests)"; \
+		apt-get install -y -q $(SERVICES) >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(SERVICES) >/dev/null 2>&1; } || \
+		echo "could not install $(SERVICES): the multi-node tests will be skipped"; \
+	fi
+
 # the suite (CI runs this); `test-all` adds the tests marked `long` (a dry run of bench/gpu_check.sh)
-test: setup
+test: setup services
 	$(PY) -m pytest -q -m "not long"
 
-test-all: setup
+test-all: setup services
 	$(PY) -m pytest -q
 
 lint: setup

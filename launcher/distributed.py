@@ -137,6 +137,12 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
+def node_label() -> str:
+    """How reports name this rank's node: 'node 1 (127.0.0.2)' in a multi-node launch, else its host name."""
+    launched = any(os.environ.get(n, "").isdigit() for n in ("CROSS_RANK", "GROUP_RANK", "SLURM_NODEID"))
+    return f"node {node_rank()} ({node_name()})" if launched else node_name()
+
+
 class Peers:
     """Who the job's ranks are (each one's node) and which of them are still there.
 
@@ -153,8 +159,8 @@ class Peers:
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         nodes: list = [None] * self.world
-        dist.all_gather_object(nodes, (node_rank(), node_name()))
-        self.nodes: list[tuple[int, str]] = nodes
+        dist.all_gather_object(nodes, node_label())
+        self.nodes: list[str] = nodes
         self.store = dist.distributed_c10d._get_default_store()
 
     def beat(self) -> None:
@@ -176,7 +182,7 @@ class Peers:
 
     def describe(self, ranks: list[int]) -> str:
         """'rank 1 on node 1 (127.0.0.2)': who, and where to look."""
-        return ", ".join(f"rank {r} on node {self.nodes[r][0]} ({self.nodes[r][1]})" for r in ranks)
+        return ", ".join(f"rank {r} on {self.nodes[r]}" for r in ranks)
 
     def me(self) -> str:
         return self.describe([self.rank])

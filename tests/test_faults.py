@@ -334,3 +334,20 @@ def test_a_hung_rank_ends_the_job_with_a_message_in_bounded_time(tiny_model, dem
     assert codes[0] == 1 and read_log(run_dir)[-1]["step"] < 400
     assert elapsed < 15 + 15, elapsed  # the timeout, and the watchdog's own check every tenth of it
     assert "no answer from another rank within deepspeed.timeout_minutes=0.25" in output, output[-3000:]
+
+
+def test_a_stale_op_build_lock_is_named_with_its_fix_instead_of_a_silent_wait(tiny_model, demo_shards, tmp_path):
+    """A build of DeepSpeed's CPU op killed midway leaves `lock` in its folder, and torch's builder then waits for it
+    for ever, printing nothing. An old lock stops the rank at once with one line naming it and the fix."""
+    ops = tmp_path / "torch_extensions"
+    lock = ops / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    proc = run_training(overrides(tiny_model, demo_shards["shards"], tmp_path / "run", "optim.max_steps=2",
+                                  "optim.warmup_steps=1", "checkpoint.every_steps=0"),
+                        env={"TORCH_EXTENSIONS_DIR": str(ops)},
+                        check=False, timeout=120)
+    assert 2 in proc.codes, proc.output[-3000:]
+    assert f"{lock} is 60 minutes old" in proc.output and f"rm {lock}" in proc.output

@@ -17,9 +17,9 @@ Two halves, each a list of `Check` (name, status, message, fix) so the caller de
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
+from launcher.distributed import node_label
 from launcher.doctor.checks import Check, Gpu, _line, failed, render
 from launcher.doctor.files import check_disk, check_model, check_shards, checkpoint_bytes, disk_needed
 from launcher.doctor.hardware import check_deepspeed_ops, check_driver, check_flash_attn, check_gpus, optimizer_class
@@ -71,7 +71,7 @@ def preflight_job(recipe: Recipe, *, verify: bool = False) -> tuple[list[Check],
     local_rank0 = int(os.environ.get("LOCAL_RANK", 0)) == 0
     local = preflight_local(recipe, dist.get_world_size(), verify=verify) if local_rank0 else None
     nodes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, (dist.get_rank(), socket.gethostname(), local))
+    dist.all_gather_object(nodes, (dist.get_rank(), node_label(), local))
     checks = shared + [c for _, _, node in nodes if node for c in node]
     return checks, "\n".join((render_nodes(nodes), render(shared), summary(checks)))
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import socket
 import time
 from pathlib import Path
 
+from launcher.distributed import node_label
 from launcher.doctor.checks import Check, _run
 from launcher.doctor.hardware import library_versions
 from launcher.recipe.load import recipe_yaml
@@ -67,7 +67,7 @@ def check_shared_run_folder(run_dir: Path) -> Check:
     the second (everyone has read before rank 0 removes it). Every rank returns the same verdict."""
     import torch.distributed as dist
 
-    rank, world, host = dist.get_rank(), dist.get_world_size(), socket.gethostname()
+    rank, world, host = dist.get_rank(), dist.get_world_size(), node_label()
     probe = [_write_probe(Path(run_dir)) if rank == 0 else None]
     dist.broadcast_object_list(probe, src=0)
     name, token, write_error = probe[0]
@@ -96,8 +96,9 @@ def check_shared_run_folder(run_dir: Path) -> Check:
 
 
 def code_fingerprint() -> str:
-    """sha256 of the launcher package's .py files (paths and contents, sorted): the code every rank runs."""
-    root = Path(__file__).resolve().parent
+    """sha256 of the launcher package's .py files (paths and contents, sorted): the code every rank runs (the whole
+    package: the doctor's own folder alone missed a change anywhere else)."""
+    root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     try:
         for path in sorted(root.rglob("*.py")):
@@ -148,7 +149,7 @@ def check_same_everywhere(recipe: Recipe) -> Check:
     import torch.distributed as dist
 
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (dist.get_rank(), socket.gethostname(), fingerprint(recipe)))
+    dist.all_gather_object(gathered, (dist.get_rank(), node_label(), fingerprint(recipe)))
     problems, world = [], len(gathered)
     for key in gathered[0][2]:
         odd = _odd_ones([(r, h, fp[key]) for r, h, fp in gathered])

@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from launcher.errors import LauncherError
-from launcher.launch.advice import FailureContext, explain_launch_failure, recipe_memory_note, run_command
+from launcher.launch.advice import (
+    FailureContext,
+    explain_launch_failure,
+    other_nodes_chatter,
+    recipe_memory_note,
+    run_command,
+)
 from launcher.launch.commands import (
     DEEPSPEED_LAUNCHERS,
     DEFAULT_MASTER_PORT,
@@ -314,7 +320,8 @@ def _run_plan(options: LaunchOptions, plan: Plan, env_report: EnvFileReport | No
         env = env_with_file(os.environ, env_report.public)
     cmd = [_program("deepspeed", "DeepSpeed's launcher"), *cmd[1:]]
     print(f"running: {shlex.join(['deepspeed', *cmd[1:]])}", file=sys.stderr)
-    return run_command(cmd, env, context=context, stop_file=RunFolder(recipe.output_dir).stop_file)
+    drop = other_nodes_chatter(parse_hostfile(Path(options.hostfile))[0].name) if options.mode == "hostfile" else None
+    return run_command(cmd, env, context=context, stop_file=RunFolder(recipe.output_dir).stop_file, drop=drop)
 
 
 def _preflight(options: LaunchOptions, recipe, world_size: int) -> None:

@@ -128,7 +128,8 @@ def recipe_memory_note(recipe: Recipe, world_size: int) -> str | None:
 
 
 def run_command(argv: Sequence[str], env: Mapping[str, str], out: TextIO | None = None, err: TextIO | None = None,
-                context: FailureContext | None = None, stop_file: Path | None = None) -> int:
+                context: FailureContext | None = None, stop_file: Path | None = None,
+                drop: Callable[[str], bool] | None = None) -> int:
     """Run `argv`, its output streamed through as it comes, and explain a failure we recognise.
 
     A subprocess rather than exec: the last lines of its output are needed to explain the failure.
@@ -139,6 +140,8 @@ def run_command(argv: Sequence[str], env: Mapping[str, str], out: TextIO | None 
     session of its own, out of reach of signals to this process group (Ctrl-C, `kill -- -PGID`); the first
     signal creates the stop file (every rank saves at its next step and exits 0) and this process keeps
     streaming the output until the command ends. A second signal is passed on: DeepSpeed's own stop.
+
+    With `drop`, the output is passed on line by line, without the lines it matches (`other_nodes_chatter`).
     """
     out, err = out or sys.stdout, err or sys.stderr
     tail: deque[str] = deque(maxlen=256)  # the last chunks of output, enough for the final traceback
@@ -160,8 +163,8 @@ def run_command(argv: Sequence[str], env: Mapping[str, str], out: TextIO | None 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)} if stop_file else {}
     proc = subprocess.Popen(list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=stop_file is not None)
-    pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, tail), daemon=True),
-             threading.Thread(target=_pump, args=(proc.stderr, err, tail), daemon=True)]
+    pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, tail, drop), daemon=True),
+             threading.Thread(target=_pump, args=(proc.stderr, err, tail, drop), daemon=True)]
     for pump in pumps:
         pump.start()
     try:
@@ -180,11 +183,32 @@ def run_command(argv: Sequence[str], env: Mapping[str, str], out: TextIO | None 
     return returncode
 
 
-def _pump(source: BinaryIO, sink: TextIO, tail: deque[str]) -> None:
-    """Copy a child's output as it comes, in chunks (progress bars redraw with \r, not whole lines)."""
+def _pump(source: BinaryIO, sink: TextIO, tail: deque[str], drop: Callable[[str], bool] | None = None) -> None:
+    """Copy a child's output as it comes, in chunks (progress bars redraw with \r, not whole lines), or line by line
+    without the lines `drop` matches."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
     while chunk := os.read(source.fileno(), 65536):
         text = decoder.decode(chunk)
+        if drop is not None:
+            pending += text
+            *lines, pending = pending.split("\n")
+            text = "".join(line + "\n" for line in lines if not drop(line))
         sink.write(text)
         sink.flush()
         tail.append(text)
+    if pending and not (drop and drop(pending)):
+        sink.write(pending)
+        sink.flush()
+        tail.append(pending)
+
+
+def other_nodes_chatter(first_host: str) -> Callable[[str], bool]:
+    """pdsh prefixes each node's lines with its host: DeepSpeed's launcher logs the same INFO lines on every node,
+    so one node's worth (the first host's) is kept and the others' are dropped; their warnings and errors, and
+    everything the ranks print, pass."""
+    def drop(line: str) -> bool:
+        host, sep, rest = line.partition(": ")
+        return bool(sep) and host != first_host and " " not in host and "[INFO]" in rest and "launch.py" in rest
+
+    return drop

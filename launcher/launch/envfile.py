@@ -23,7 +23,7 @@ from pathlib import Path
 from launcher.errors import LauncherError
 
 PROPAGATED_PREFIXES = ("HF_", "HUGGING_FACE_", "WANDB_", "NCCL_", "TORCH_NCCL_", "TRANSFORMERS_")
-PROPAGATED_NAMES = ("PYTHONPATH", "DS_ACCELERATOR", "LAUNCHER_NODES")
+PROPAGATED_NAMES = ("PYTHONPATH", "DS_ACCELERATOR", "OMP_NUM_THREADS", "LAUNCHER_NODES")
 SECRETS_VARIABLE = "LAUNCHER_SECRETS"  # in .deepspeed_env: where the secrets file is
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 # DeepSpeed's pdsh runner double-quotes a value with any other character, so the remote shell would expand
