@@ -45,7 +45,13 @@ def ops_folder() -> Path:
 
 
 def use_own_ops_folder() -> None:
+    """This virtualenv's ops folder, built with this virtualenv's ninja (pinned): torch runs the `ninja` on PATH, and
+    two versions (the system's 1.11 and pip's 1.13, say, in a shell with and without the virtualenv activated) hash
+    the same build commands differently, so each rebuilds what the other built: minutes at every job start."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ops_folder()))
+    here = Path(sys.executable).parent
+    if (here / "ninja").is_file() and os.environ.get("PATH", "").split(os.pathsep)[0] != str(here):
+        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
 
 
 def check_op_locks() -> None:

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from launcher.shards.format import sha256_file
-from tests.conftest import read_log, run_training, start_training
+from tests.conftest import cpu_env, read_log, run_training, start_training
 
 pytestmark = pytest.mark.slow
 HF_SECRET, WANDB_SECRET = "hf_PLANTEDsecret0123456789", "wandbPLANTEDsecret9876543210"
@@ -351,3 +352,24 @@ def test_a_stale_op_build_lock_is_named_with_its_fix_instead_of_a_silent_wait(ti
                         check=False, timeout=120)
     assert 2 in proc.codes, proc.output[-3000:]
     assert f"{lock} is 60 minutes old" in proc.output and f"rm {lock}" in proc.output
+
+
+def test_the_cpu_op_is_not_rebuilt_whichever_ninja_is_first_on_path(tmp_path):
+    """`make setup` builds DeepSpeed's CPU op once; a rank started from a shell with the virtualenv activated (the
+    SLURM script) or not (`launch --run`) must find it built. torch runs the `ninja` on PATH, and the system's and
+    pip's ninja hash the same commands differently: each rebuilt what the other built (a minute or more, in the
+    first step of every other job)."""
+    from launcher.distributed import ops_folder
+
+    ops = tmp_path / "ops"
+    shutil.copytree(ops_folder(), ops)  # what `make setup` built (a copy: another test may be using it)
+    build = [sys.executable, "-c", "from launcher.distributed import build_cpu_ops; build_cpu_ops()"]
+    venv = str(Path(sys.executable).parent)
+    subprocess.run(build, env=cpu_env(TORCH_EXTENSIONS_DIR=str(ops), PATH=f"{venv}:{os.environ['PATH']}"),
+                   check=True, capture_output=True, timeout=600)
+    library = ops / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    built = library.stat().st_mtime_ns
+    system_path = ":".join(p for p in os.environ["PATH"].split(":") if p != venv)
+    subprocess.run(build, env=cpu_env(TORCH_EXTENSIONS_DIR=str(ops), PATH=system_path), check=True,
+                   capture_output=True, timeout=600)
+    assert library.stat().st_mtime_ns == built, "rebuilt"
