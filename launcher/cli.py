@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def _shard(args: argparse.Namespace) -> int:
 
     from launcher.features import SUPPORTED_N_MELS
     from launcher.shards.build import ShardSettings, print_summary, shard_corpus
+    from launcher.shards.location import is_url
+    from launcher.shards.upload import Uploader
     from launcher.sources import open_source
 
     if args.n_mels not in SUPPORTED_N_MELS:
@@ -31,9 +34,13 @@ def _shard(args: argparse.Namespace) -> int:
     if several and args.source and args.source.split(":")[0] in ("hf", "manifest"):
         raise LauncherError("--source hf:/manifest: holds one language; with several --lang use cv11, cv-hub:LOCATION "
                             "or a Common Voice release folder holding one folder per language (cv:PATH)")
-    # several languages: one folder each, under --out (default shards/)
-    outs = {lang: Path(args.out or "shards") / lang if several else Path(args.out or f"shards/{lang}")
-            for lang in languages}
+    # several languages: one folder each, under --out (default shards/); a URL --out: written in a staging folder
+    # and sent as each shard is finished (`shards.upload`)
+    out = args.out or ("shards" if several else f"shards/{languages[0]}")
+    targets = {lang: f"{out.rstrip('/')}/{lang}" if several else out for lang in languages}
+    remote = is_url(out)
+    stage = Path(args.stage or Path("shards-staging") / re.sub(r"[^A-Za-z0-9._-]+", "_", out.split("://")[-1]))
+    outs = {lang: (stage / lang if several else stage) if remote else Path(targets[lang]) for lang in languages}
     sources = {lang: open_source(args.source, lang, hf_config=args.hf_config, audio_column=args.audio_column,
                                  text_column=args.text_column) for lang in languages}
     console = Console(stderr=True)
@@ -44,18 +51,23 @@ def _shard(args: argparse.Namespace) -> int:
     with Progress(*columns, console=console) as progress:
         for lang in languages:
             settings = ShardSettings(n_mels=args.n_mels, shard_bytes=int(args.shard_size * 1e6), language=lang)
+            uploader = Uploader(outs[lang], targets[lang]) if remote else None
             index = shard_corpus(sources[lang], outs[lang], settings, workers=args.workers, overwrite=args.overwrite,
                                  splits=args.splits.split(",") if args.splits else None, progress=progress,
-                                 label=f"{lang} " if several else "")
+                                 label=f"{lang} " if several else "", on_shard=uploader and uploader.send)
+            if uploader is not None:
+                uploader.finish()  # the shards the store lacks, then index.json: the set is whole from now on
             runs.append((lang, outs[lang], index))
     print_summary(console, runs)
+    if remote:
+        console.print("uploaded: " + ", ".join(targets[lang] for lang in languages) + f" (staged in {stage})")
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from launcher.shards.inspect import inspect
 
-    return 1 if inspect(Path(args.shards), verify=args.verify) else 0
+    return 1 if inspect(args.shards, verify=args.verify) else 0
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -125,7 +137,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise LauncherError(f"--long-form must be a positive number of seconds, got {args.long_form:g}")
     from launcher.evaluation.standalone import run_standalone
 
-    reports = run_standalone(args.model, [Path(p) for p in args.shards], args.split, batch_size=args.batch_size,
+    reports = run_standalone(args.model, list(args.shards), args.split, batch_size=args.batch_size,
                              num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                              max_samples=args.max_samples, language=args.language, task=args.task,
                              out_dir=Path(args.out) if args.out else None, zero_stage=args.zero_stage,
@@ -166,6 +178,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from launcher.shards.upload import publish
+
+    publish(Path(args.shards), args.repo, private=args.private, dry_run=args.dry_run)
+    return 0
+
+
 def _push(args: argparse.Namespace) -> int:
     from launcher.push import push
 
@@ -196,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(one folder each under --out)")
     p.add_argument("--source", help="cv11 (default: Common Voice 11 on the Hub, needs HF_TOKEN), cv-hub:LOCATION, "
                                     "cv:PATH, hf:NAME_OR_PATH, manifest:FILE.jsonl, or a path recognised by content")
-    p.add_argument("--out", help="output folder (default: shards/<lang>); with several languages their parent "
+    p.add_argument("--stage", help="with a URL --out: the local folder the set is written in before each shard is "
+                                   "sent (default: shards-staging/<the URL's path>); rerun to resume")
+    p.add_argument("--out", help="output folder or URL (s3://, gs://, az://, ...; default: shards/<lang>); with "
+                                 "several languages their parent "
                                  "(default: shards/, giving shards/fr, shards/de, ...)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="feature processes (default: all cores; 0 runs in this process)")
@@ -210,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_shard)
 
     p = sub.add_parser("inspect", help="summarise shards; --verify checks every sha256")
-    p.add_argument("shards", help="folder holding index.json, e.g. shards/fr")
+    p.add_argument("shards", help="folder or URL holding index.json, e.g. shards/fr or s3://bucket/fr")
     p.add_argument("--verify", action="store_true", help="check every shard's size and sha256 against index.json")
     p.set_defaults(func=_inspect)
 
@@ -242,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rank under `deepspeed --module launcher evaluate ...` / `torchrun -m`.")
     p.add_argument("--model", required=True, help="Hugging Face folder (e.g. runs/large_fr/best) or hub id")
     p.add_argument("--shards", required=True, nargs="+",
-                   help="folder holding index.json; several (one per language) score each with its own language")
+                   help="folder or URL holding index.json; several (one per language) score each with its own language")
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=int, default=32, help="clips decoded at once per process (default: 32)")
     p.add_argument("--num-beams", type=int, default=1, help="1: greedy, the event's rule")
@@ -317,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch to push to (created if missing; default main)")
     p.add_argument("--dry-run", action="store_true", help="list the files and show the card; upload nothing")
     p.set_defaults(func=_push)
+
+    p = sub.add_parser("publish", help="send a shard set to a dataset repository on the Hugging Face Hub",
+                       description="Upload a finished shard set (a folder) with a dataset card (language, source and "
+                                   "licence, feature settings, hours and clips per split, drops, sha256); index.json "
+                                   "last. The token from HF_TOKEN or `hf auth login`, never printed.")
+    p.add_argument("shards", help="folder holding index.json, e.g. shards/fr")
+    p.add_argument("--repo", required=True, help="OWNER/NAME of the dataset repository (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--dry-run", action="store_true", help="list the files and show the card; upload nothing")
+    p.set_defaults(func=_publish)
 
     p = sub.add_parser("demo", help="the whole flow on the small bundled corpus, on the CPU")
     p.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")

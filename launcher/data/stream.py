@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
 import random
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ from launcher.data.packing import FRAME_SECONDS, ClipRef, Packer, PackSettings, 
 from launcher.data.plan import DataPlan, worker_positions
 from launcher.errors import LauncherError
 from launcher.features import N_FRAMES, join_features
+from launcher.shards.fetch import ShardFetcher
 from launcher.shards.format import Shard
 from launcher.shards.reader import BadShard, load_mel, mel_frames, read_samples
 
@@ -38,6 +41,9 @@ class StreamSettings:
     timestamp_probability: float = 0.0
     prompt_probability: float = 0.0
     max_frames: int = N_FRAMES  # the model's input window (`model.input_frames`): a longer clip is dropped, counted
+    remote_cache: str | None = None  # sets read from URLs: where fetched shards are kept (`shards.fetch`)
+    remote_cache_bytes: int = 0
+    prefetch: int = 2  # remote shards fetched ahead of the one being read
 
     @classmethod
     def from_recipe(cls, recipe, max_frames: int = N_FRAMES) -> StreamSettings:
@@ -47,7 +53,8 @@ class StreamSettings:
         return cls(seed=recipe.seed, batch_size=d.batch_size_per_gpu, shuffle=d.shuffle,
                    shuffle_buffer=d.shuffle_buffer, verify=d.verify_shards, on_bad_data=d.on_bad_data, pack=pack,
                    timestamp_probability=d.timestamp_probability, prompt_probability=d.prompt_probability,
-                   max_frames=max_frames)
+                   max_frames=max_frames, remote_cache=d.remote_cache, remote_cache_bytes=int(d.remote_cache_gb * 1e9),
+                   prefetch=d.prefetch_shards)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class ShardStream(IterableDataset):
         self.pack = settings.pack
         self._warned_no_speaker = self._warned_too_long = False
         self._checked: dict[Shard, BadShard | None] = {}  # sha256 verdicts, per worker process
+        self._fetcher: ShardFetcher | None = None  # per worker process: made where it runs
+        self._fetcher_pid = 0
         self.rank, self.world_size, self.seed = rank, world_size, settings.seed
         self.buffer, self.batch_size = max(1, settings.shuffle_buffer), settings.batch_size
         self.total = self.mix.total
@@ -104,12 +113,35 @@ class ShardStream(IterableDataset):
         return error.skipped
 
     def _check(self, shard: Shard) -> None:
-        """sha256 against index.json, hashed once per worker; a bad shard stays bad for every later epoch."""
-        if shard not in self._checked:
+        """sha256 against index.json, hashed once per worker; a bad shard stays bad for every later epoch. A remote
+        shard is checked as it is fetched (`_local`)."""
+        if shard not in self._checked and not shard.remote:
             problem = shard.problem()
             self._checked[shard] = BadShard(f"shard {shard.path} {problem}", shard.samples) if problem else None
-        if self._checked[shard] is not None:
+        if self._checked.get(shard) is not None:
             raise self._checked[shard]
+
+    def fetcher(self) -> ShardFetcher:
+        """This process's fetcher (a loader worker forked from a process that had one makes its own: threads do
+        not survive a fork)."""
+        if self._fetcher is None or self._fetcher_pid != os.getpid():
+            s = self.settings
+            self._fetcher = ShardFetcher(Path(s.remote_cache) if s.remote_cache else None, s.remote_cache_bytes,
+                                         prefetch=s.prefetch, verify=s.verify)
+            self._fetcher_pid = os.getpid()
+        return self._fetcher
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fetcher": None}
+
+    def _local(self, shard: Shard) -> Path:
+        """The shard as a local file: itself, or (a remote set's) its checked copy; a shard that stays unreadable or
+        wrong is a bad shard, for every later epoch too."""
+        try:
+            return self.fetcher().local(shard)
+        except BadShard as e:
+            self._checked[shard] = e
+            raise
 
     def epoch_items(self, epoch: int, worker: int, workers: int) -> list[list[Read]]:
         """This worker's part of an epoch: per set, the shards to read in order (`mixing.Read`)."""
@@ -118,19 +150,23 @@ class ShardStream(IterableDataset):
 
     def _read(self, reads: list[Read], worker: int, counts: dict) -> Iterator[StoredSample]:
         """One set's samples of `reads` in order; bad data is counted into `counts`."""
+        self.fetcher().ahead([r.shard for r in reads])
         for r in reads:
             try:
-                if self.settings.verify:
+                if self.settings.verify or r.shard.remote:
                     self._check(r.shard)
+                path = self._local(r.shard)
             except BadShard as e:
                 counts["bad"] += self._bad(BadShard(str(e), skipped=len(r.wanted)), worker)
                 continue
             try:
-                for sample in read_samples(r.shard.path, r.wanted):
+                for sample in read_samples(path, r.wanted):
                     at = int(r.positions[np.searchsorted(r.wanted, sample.position)])
-                    yield StoredSample(at, r.set, r.shard.path.name, sample.key, sample.mel, sample.meta)
+                    yield StoredSample(at, r.set, r.shard.name, sample.key, sample.mel, sample.meta)
             except BadShard as e:
                 counts["bad"] += self._bad(e, worker)
+            finally:
+                self.fetcher().release(r.shard, path)
 
     def _blocks(self, epoch: int, worker: int, workers: int, counts: dict) -> Iterator[list[StoredSample]]:
         """This worker's samples of one epoch, in the epoch's order (the sets read side by side), in blocks of

@@ -90,6 +90,17 @@ def _splits_read(recipe: Recipe, index) -> list[str]:
     return [s for s in dict.fromkeys(wanted) if index.has_split(s)]
 
 
+def _first_bytes(shard) -> None:
+    """Read the first bytes of a remote shard, or raise a LauncherError naming the missing credential or the
+    unreachable address."""
+    from launcher.shards.location import explain, filesystem
+
+    try:
+        filesystem(shard.url).cat_file(shard.url, start=0, end=512)  # one small ranged read, not the whole shard
+    except Exception as e:  # noqa: BLE001 - one line naming the cause
+        raise LauncherError(explain(shard.url, e)) from None
+
+
 def check_shards(recipe: Recipe, verify: bool = False) -> Check:
     """check_against_data_and_model passes (a model that does not load is the model check's line, not repeated
     here), and every shard of the splits the run reads, in every shard set, exists with the index's size (and
@@ -108,13 +119,21 @@ def check_shards(recipe: Recipe, verify: bool = False) -> Check:
         try:
             index = load_index(entry.path)
         except LauncherError:
-            continue
+            continue  # check_against_data_and_model's problems name it
         indexes.append(index)
         splits = _splits_read(recipe, index)
         shards = [shard for split in splits for shard in index.shards(split)]
         total += len(shards)
-        wrong += [f"{shard.path.relative_to(index.folder)} {p}" for shard in shards
-                  if (p := shard.problem(hash_it=verify))]
+        if index.location.remote and not verify:
+            # its index.json was read; the first bytes of one shard say the shards can be too (each shard's size and
+            # sha256 only with --verify, which fetches every one)
+            try:
+                _first_bytes(next(s for s in shards if s.samples))
+            except LauncherError as e:
+                problems.append(str(e))
+        else:
+            wrong += [f"{shard.url.removeprefix(str(index.folder)).lstrip('/')} {p}" for shard in shards
+                      if (p := shard.problem(hash_it=verify))]
         counts = ", ".join(f"{s} {index.samples(s)} clips in {len(index.shards(s))} shard(s)" for s in splits)
         found.append(f"{index.folder}: {counts}")
     if not indexes:

@@ -11,6 +11,7 @@ from pathlib import Path
 from launcher.distributed import node_label
 from launcher.doctor.checks import Check, _run
 from launcher.doctor.hardware import library_versions
+from launcher.errors import LauncherError
 from launcher.recipe.load import recipe_yaml
 from launcher.recipe.schema import Recipe
 
@@ -113,13 +114,15 @@ def git_commit() -> str | None:
     return out.strip() if out else None
 
 
-def _index_digest(folders: list[Path]) -> str:
+def _index_digest(folders: list[str]) -> str:
+    from launcher.shards.location import Location
+
     try:
         h = hashlib.sha256()
         for folder in folders:
-            h.update((Path(folder) / "index.json").read_bytes())
+            h.update(Location.of(folder).read_bytes("index.json"))
         return h.hexdigest()
-    except OSError as e:
+    except (OSError, LauncherError) as e:
         return f"unreadable ({type(e).__name__})"
 
 

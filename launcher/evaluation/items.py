@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 from dataclasses import dataclass
 
 from launcher.errors import LauncherError
+from launcher.shards.fetch import ShardFetcher
 from launcher.shards.format import ShardIndex
 from launcher.shards.reader import BadShard, MelRef, read_samples
 
@@ -19,13 +21,27 @@ class EvalItem:
     speaker: str | None = None  # when the source names one: long-form joins only one speaker's clips
 
 
+_FETCHER: ShardFetcher | None = None
+
+
+def _fetcher() -> ShardFetcher:
+    """Evaluation's copies of remote shards: fetched once (checked against their sha256), kept while the process
+    lives, since a run evaluates the same split again and again."""
+    global _FETCHER
+    if _FETCHER is None:
+        _FETCHER = ShardFetcher(prefetch=0)
+        atexit.register(_FETCHER.close)
+    return _FETCHER
+
+
 def scan_split(index: ShardIndex, split: str, max_samples: int | None = None) -> list[EvalItem]:
-    """The split's samples in index order (the first `max_samples`), with where each one's features lie. Reads
-    the tars' headers and JSON once; callers keep the list for every evaluation of a run."""
+    """The split's samples in index order (the first `max_samples`), with where each one's features lie (a remote
+    set's shards are fetched first). Reads the tars' headers and JSON once; callers keep the list for every
+    evaluation of a run."""
     items: list[EvalItem] = []
     for shard in index.shards(split):
         try:
-            for sample in read_samples(shard.path, load_mel=False):
+            for sample in read_samples(_fetcher().local(shard), load_mel=False):
                 meta = json.loads(sample.meta)
                 items.append(EvalItem(meta["id"], meta["text"], meta["seconds"], sample.mel_ref,
                                       meta.get("speaker")))

@@ -15,9 +15,10 @@ from launcher.evaluation.reports import default_report_dir, split_label, write_m
 from launcher.evaluation.run import clips_on_rank, evaluate
 from launcher.model import DTYPES, DecodeSettings
 from launcher.shards.format import load_index
+from launcher.shards.location import Location
 
 
-def run_standalone(model_name: str, shards_dirs: list[Path], split: str, *, batch_size: int, num_beams: int,
+def run_standalone(model_name: str, shards_dirs: list[Path | str], split: str, *, batch_size: int, num_beams: int,
                    max_new_tokens: int, max_samples: int | None, language: str | None, task: str,
                    out_dir: Path | None, zero_stage: int, precision: str,
                    long_form: float | None = None) -> dict[str, dict] | None:
@@ -39,8 +40,8 @@ def run_standalone(model_name: str, shards_dirs: list[Path], split: str, *, batc
     languages = [language or index.language for index in indexes]
     for folder, lang in zip(shards_dirs, languages, strict=True):
         if not lang:
-            raise LauncherError(f"--language is needed: {Path(folder) / 'index.json'} does not name the shards' "
-                                "language")
+            raise LauncherError(f"--language is needed: {Location.of(folder).join('index.json')} does not name "
+                                "the shards' language")
     if len(set(languages)) < len(languages):
         raise LauncherError(f"--shards: two folders of one language ({', '.join(languages)}): one per language")
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -53,16 +53,24 @@ class PackSection(Section):
 
 
 class ShardSet(Section):
-    path: Path = Field(description="folder holding index.json, from `launcher shard`")
+    path: str = Field(description="folder or URL (s3://, gs://, az://, hf://datasets/..., https://) holding "
+                                  "index.json, from `launcher shard`")
     weight: Annotated[float, Field(gt=0.0)] | None = Field(
         None, description="this set's share of the mix, relative to the other sets' weights (all or none)")
     language: str | None = Field(None, description="default: index.json's language")
 
 
 class DataSection(Section):
-    shards: Path | list[ShardSet] = Field(
-        description="folder holding index.json (from `launcher shard`), or a list of {path, weight, language}: one "
-                    "set per language, mixed in each epoch by weight (launcher/mixing.py)")
+    shards: str | list[ShardSet] = Field(
+        description="folder or URL holding index.json (from `launcher shard`), or a list of {path, weight, "
+                    "language}: one set per language, mixed in each epoch by weight (launcher/data/mixing.py)")
+    remote_cache: str | None = Field(
+        None, description="a local folder that keeps the shards of sets read from URLs for later epochs (and the "
+                          "node's other ranks), the least recently used evicted past remote_cache_gb; unset: each "
+                          "shard is fetched, read and deleted")
+    remote_cache_gb: Annotated[float, Field(gt=0.0)] = 100.0
+    prefetch_shards: NonNegInt = Field(2, description="remote shards fetched ahead of the one being read, per loader "
+                                                      "worker")
     mix_temperature: Annotated[float, Field(gt=0.0)] | None = Field(
         None, description="instead of weights: each set's share proportional to its size^(1/T) (T=1: as the sizes; "
                           "larger T lifts the small sets)")
@@ -89,7 +97,7 @@ class DataSection(Section):
     @property
     def shard_sets(self) -> list[ShardSet]:
         """The sets as a list, one folder being one set."""
-        return [ShardSet(path=self.shards)] if isinstance(self.shards, Path) else list(self.shards)
+        return [ShardSet(path=self.shards)] if isinstance(self.shards, str) else list(self.shards)
 
 
 class OptimSection(Section):

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -187,10 +187,11 @@ def _chunks(tasks: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
 
 
 def shard_corpus(source: Source, out: Path, settings: ShardSettings, *, workers: int, splits: list[str] | None = None,
-                 overwrite: bool = False, progress: Progress | None = None, label: str = "") -> dict:
+                 overwrite: bool = False, progress: Progress | None = None, label: str = "",
+                 on_shard: Callable[[str], None] | None = None) -> dict:
     """Write the splits of `source` to `out` (resuming a run that stopped); returns the index written to
     out/index.json. `label` goes before the split's name on the progress display (the language, when one command
-    shards several)."""
+    shards several); `on_shard(path)` is told each shard finished (an upload, `upload.Uploader`)."""
     out = Path(out)
     progress = progress or Progress(disable=True)
     if overwrite:
@@ -210,7 +211,7 @@ def shard_corpus(source: Source, out: Path, settings: ShardSettings, *, workers:
     journals: dict[str, Journal] = {}
     try:
         for pos, split in enumerate(order):
-            journal = journals[split] = Journal(out, split, header)
+            journal = journals[split] = Journal(out, split, header, on_shard)
             kept, bad = journal.resume()
             if kept or bad:
                 progress.log(f"resuming {label}{split}: {kept} finished shard(s) verified and kept"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import LauncherError
+from launcher.shards.location import Location, is_url
 
 FORMAT = "whisper-shards/1"
 INDEX_FILE = "index.json"
@@ -46,17 +47,30 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 @dataclass(frozen=True)
 class Shard:
-    """One tar of a split, as index.json lists it (path made absolute)."""
+    """One tar of a split, as index.json lists it: an absolute path, or the URL of a remote set's shard (read through
+    `fetch.ShardFetcher`)."""
 
-    path: Path
+    path: Path | str
     samples: int
     seconds: float = 0.0
     bytes: int | None = None
     sha256: str | None = None
 
+    @property
+    def remote(self) -> bool:
+        return is_url(self.path)
+
+    @property
+    def url(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
     def problem(self, hash_it: bool = True) -> str | None:
         """None if the file exists with the index's size (and sha256, when `hash_it`), else what is wrong, worded
-        to follow the shard's name."""
+        to follow the shard's name. A local file's: a remote shard's is `fetch.problem`'s."""
         if not self.path.is_file():
             return "is missing"
         size = self.path.stat().st_size
@@ -71,8 +85,12 @@ class Shard:
 class ShardIndex:
     """index.json, read once and passed to whoever needs the shards (recipe checks, loader, evaluation, card)."""
 
-    folder: Path
+    folder: Path | str  # a local folder, or a URL
     data: dict
+
+    @property
+    def location(self) -> Location:
+        return Location.of(self.folder)
 
     @property
     def n_mels(self) -> int | None:
@@ -95,7 +113,7 @@ class ShardIndex:
 
     def _split(self, split: str) -> dict:
         if split not in self.data["splits"]:
-            raise LauncherError(f"{self.folder / INDEX_FILE} has no split {split!r} (it has: "
+            raise LauncherError(f"{self.location.join(INDEX_FILE)} has no split {split!r} (it has: "
                                 f"{', '.join(self.data['splits'])})")
         return self.data["splits"][split]
 
@@ -104,19 +122,25 @@ class ShardIndex:
 
     def shards(self, split: str) -> list[Shard]:
         """The split's shards in index order, empty ones included (positions count through them)."""
-        return [Shard(self.folder / s["path"], s["samples"], s.get("seconds", 0.0), s.get("bytes"), s.get("sha256"))
-                for s in self._split(split)["shards"]]
+        where = self.location
+        return [Shard(where.join(s["path"]) if where.remote else Path(where.join(s["path"])), s["samples"],
+                      s.get("seconds", 0.0), s.get("bytes"), s.get("sha256")) for s in self._split(split)["shards"]]
 
 
-def load_index(folder: Path) -> ShardIndex:
-    """Read and check OUT/index.json; unknown extra keys are allowed (readers are tolerant)."""
-    folder = Path(folder)
-    path = folder / INDEX_FILE
-    if not path.is_file():
+def load_index(folder: Path | str) -> ShardIndex:
+    """Read and check OUT/index.json (OUT a folder or a URL); unknown extra keys are allowed (readers are tolerant).
+    A set is whole once its index.json exists: writers put it last."""
+    where = Location.of(folder)
+    path = where.join(INDEX_FILE)
+    if where.remote:
+        text = where.read_bytes(INDEX_FILE).decode("utf-8")
+    elif not Path(path).is_file():
         raise LauncherError(f"{path} does not exist: run `python -m launcher shard` first, or point at the folder "
                             "that holds index.json")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise LauncherError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -125,7 +149,7 @@ def load_index(folder: Path) -> ShardIndex:
     for key in ("features", "splits"):
         if not isinstance(data.get(key), dict):
             raise LauncherError(f"{path}: missing or malformed {key!r}")
-    return ShardIndex(folder, data)
+    return ShardIndex(where.root if where.remote else Path(folder), data)
 
 
 def features_entry(n_mels: int) -> dict:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from launcher.shards import fetch
 from launcher.shards.format import DROPPED_FILE, load_index
 
 
-def inspect(folder: Path, verify: bool = False) -> int:
-    """Print splits, samples, hours, bytes per audio hour and drops; with verify, check every shard's sha256.
+def inspect(folder: Path | str, verify: bool = False) -> int:
+    """Print splits, samples, hours, bytes per audio hour and drops; with verify, check every shard's sha256 (a remote
+    set's shards are fetched to be hashed).
     Returns the number of bad shards."""
     from rich.console import Console
     from rich.progress import Progress
@@ -40,9 +42,9 @@ def inspect(folder: Path, verify: bool = False) -> int:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("verifying sha256", total=sum(s.bytes or 0 for s in shards))
         for shard in shards:
-            problem = shard.problem()
+            problem = fetch.problem(shard)
             if problem:
-                bad.append((shard.path.relative_to(index.folder), problem))
+                bad.append((shard.url.removeprefix(str(index.folder)).lstrip("/"), problem))
             progress.advance(task, shard.bytes or 0)
     for path, problem in bad:
         console.print(f"[red]BAD[/] {path}: {problem}")

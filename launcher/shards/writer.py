@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,7 +81,9 @@ class Journal:
     """OUT/.journal/<split>.jsonl: a header with the settings, then one line per finished shard
     (`shard`, `next_item`, `dropped`), then `complete` when the split is done."""
 
-    def __init__(self, out: Path, split: str, header: dict):
+    def __init__(self, out: Path, split: str, header: dict, on_shard: Callable[[str], None] | None = None):
+        """`on_shard(path)`: told each shard journalled from now on (its path relative to `out`)."""
+        self.on_shard = on_shard
         self.path = out / ".journal" / f"{split}.jsonl"
         self.out, self.split, self.header = out, split, header
         self.shards: list[dict] = []
@@ -142,3 +145,5 @@ class Journal:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if shard is not None and self.on_shard is not None:
+            self.on_shard(shard["path"])

@@ -1,0 +1,164 @@
+"""Object stores on loopback for the remote-shard tests and benchmarks: an S3-API server (moto's, which s3fs tests
+itself against) and an HTTP server that serves a folder with range requests and injects the faults networks have (a
+connection dropped in the middle of a file, 503 before success, a slow answer, bytes that are not the file's)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from launcher.testing.env import free_port
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def s3_server(latency_s: float = 0.0) -> Iterator[dict[str, str]]:
+    """moto's S3 server (its WSGI app, as `moto_server` runs it) in a process of its own, as a bucket is elsewhere:
+    it shares no interpreter lock with the reader; on a free loopback port, `latency_s` added to every request.
+    Yields the environment s3fs (botocore) needs to use it: its address (AWS_ENDPOINT_URL) and throwaway
+    credentials."""
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.testing.stores", "s3", str(latency_s)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("port "):
+            raise RuntimeError(f"the S3 server did not start (exit code {proc.wait()})")
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{int(line.split()[1])}", **S3_CREDENTIALS}
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def _serve_s3(latency_s: float) -> None:
+    import logging
+
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def delayed(environ, start_response):
+        time.sleep(latency_s)
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, delayed if latency_s else app, threaded=True)
+    print(f"port {server.server_port}", flush=True)
+    server.serve_forever()
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class Faults:
+    """What the server does to requests for a file (by its path under the folder): `drop_after` bytes then the
+    connection is closed, for the first `drop_times` GETs that reach that many bytes; `fail` 503s before it
+    answers; `corrupt` serves the file with one byte changed, always; `delay` seconds before every answer."""
+
+    drop_after: dict[str, int] = field(default_factory=dict)
+    drop_times: int = 1
+    fail: dict[str, int] = field(default_factory=dict)
+    corrupt: set[str] = field(default_factory=set)
+    delay: float = 0.0
+    requests: Counter = field(default_factory=Counter)  # GETs per path, as served
+    dropped: Counter = field(default_factory=Counter)  # connections closed mid-file, per path
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _file(self) -> tuple[str, Path | None]:
+        rel = self.path.split("?")[0].lstrip("/")
+        path = self.server.root / rel
+        return rel, path if path.is_file() and self.server.root in path.resolve().parents else None
+
+    def do_HEAD(self) -> None:
+        rel, path = self._file()
+        if path is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        faults: Faults = self.server.faults
+        time.sleep(faults.delay)
+        rel, path = self._file()
+        if path is None:
+            self.send_error(404)
+            return
+        if faults.fail.get(rel, 0) > 0:
+            faults.fail[rel] -= 1
+            self.send_error(503, "try again")
+            return
+        data = path.read_bytes()
+        if rel in faults.corrupt:
+            data = data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:]
+        start, end = 0, len(data) - 1
+        header = self.headers.get("Range")
+        if header and header.startswith("bytes="):
+            first, _, last = header[6:].partition("-")
+            start, end = int(first or 0), int(last) if last else len(data) - 1
+        body = data[start:end + 1]
+        faults.requests[rel] += 1
+        self.send_response(206 if header else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        if header:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.end_headers()
+        cut = faults.drop_after.get(rel)
+        if cut is not None and faults.dropped[rel] < faults.drop_times and cut < len(body):
+            faults.dropped[rel] += 1
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)  # the connection dies mid-file
+            return
+        self.wfile.write(body)
+
+
+@contextmanager
+def http_server(root: Path, faults: Faults | None = None) -> Iterator[tuple[str, Faults]]:
+    """Serve `root` on a free loopback port; yields its URL and the faults object (change it between requests)."""
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Handler)
+    server.root, server.faults = Path(root).resolve(), faults or Faults()
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.faults
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+if __name__ == "__main__":  # python -m launcher.testing.stores s3 LATENCY_S: what s3_server runs
+    _serve_s3(float(sys.argv[2]))

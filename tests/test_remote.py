@@ -1,0 +1,205 @@
+"""Shard sets at a URL, read through fsspec exactly as from a folder: from a real S3-API server on loopback (moto's)
+and from an HTTP server that injects faults (a connection dropped mid-shard, 503 then success, a slow answer, bytes
+that do not match their sha256); `launcher shard --out s3://...`, a killed upload, `inspect --verify` on a URL,
+the preflight's one line for a missing credential or an unreachable address, `publish --dry-run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from launcher.shards.fetch import ShardFetcher
+from launcher.shards.format import load_index
+from launcher.shards.reader import BadShard
+from launcher.shards.upload import complete_remote_set
+from launcher.testing.stores import Faults, environ, http_server, s3_server
+from tests.conftest import DEMO, REPO, read_log, run_cli, run_training
+from tests.conftest import run_overrides as base_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3(demo_shards):
+    """moto's S3 server with the demo set uploaded by the project's own upload (index.json last) to s3://sets/fr."""
+    pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is part of `make setup`")
+    with s3_server() as env, environ(env):
+        import s3fs
+
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}).mkdir("sets")
+        complete_remote_set(demo_shards["shards"], "s3://sets/fr")
+        yield env
+
+
+def overrides(tiny_model, shards, run_dir: Path, *extra: str) -> list[str]:
+    return base_overrides(tiny_model, shards, run_dir, "eval.test_at_end=false", "logging.every_steps=1",
+                          "optim.warmup_steps=1", "logging.sample_ids=true", "data.num_workers=2", *extra)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_log(run_dir)]
+
+
+def sample_ids(run_dir: Path) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for f in sorted((run_dir / "samples").glob("rank-*.jsonl")):
+        out[int(f.stem.split("-")[1])] = [json.loads(line)["ids"] for line in f.read_text().splitlines()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_model, demo_shards, tmp_path_factory) -> Path:
+    """The reference: 12 steps (two epochs and more) from the local folder, 2 ranks x 2 workers."""
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    run_training(overrides(tiny_model, demo_shards["shards"], run_dir, "optim.max_steps=12",
+                           "checkpoint.every_steps=0"))
+    return run_dir
+
+
+def test_training_from_s3_killed_and_resumed_gives_the_local_folders_losses_and_samples(s3, tiny_model, local_run,
+                                                                                        tmp_path):
+    """Read through s3fs, SIGKILLed after a checkpoint and resumed: every loss bitwise and every sample id as the
+    uninterrupted run from the local folder."""
+    from tests.conftest import start_training
+
+    run_dir = tmp_path / "run"
+    args = overrides(tiny_model, "s3://sets/fr", run_dir, "optim.max_steps=12", "checkpoint.every_steps=3")
+    with start_training(args, env=s3) as job:
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "checkpoints" / "latest").is_file() and read_log(run_dir)[-1]["step"] >= 7):
+            assert job.running and time.monotonic() < deadline
+            time.sleep(0.05)
+        job.kill(signal.SIGKILL)
+        job.wait()
+    assert read_log(run_dir)[-1]["step"] < 12
+    run_training(args, extra=("--resume",), env=s3)
+    assert [r["step"] for r in read_log(run_dir)] == list(range(1, 13))
+    assert losses(run_dir) == losses(local_run) and sample_ids(run_dir) == sample_ids(local_run)
+
+
+def test_faults_over_https_are_retried_without_a_sample_repeated_or_lost(demo_shards, tiny_model, local_run,
+                                                                       tmp_path):
+    """The connection drops in the middle of two shards (twice each), another answers 503 three times, every answer
+    is slowed: the run retries where it stopped and trains exactly as from the folder."""
+    pytest.importorskip("aiohttp", reason="the http extra (aiohttp) is part of `make setup`")
+    index = load_index(demo_shards["shards"])
+    train = [Path(s.path).relative_to(demo_shards["shards"]).as_posix() for s in index.shards("train")]
+    faults = Faults(drop_after={train[0]: 20_000, train[3]: 5_000}, drop_times=2, fail={train[1]: 3}, delay=0.01)
+    with http_server(demo_shards["shards"], faults) as (url, served):
+        run_dir = tmp_path / "run"
+        proc = run_training(overrides(tiny_model, url, run_dir, "optim.max_steps=12", "checkpoint.every_steps=0"))
+    assert losses(run_dir) == losses(local_run) and sample_ids(run_dir) == sample_ids(local_run)
+    assert proc.output.count("retrying in") >= 4, proc.output[-3000:]
+    assert served.dropped[train[0]] == served.dropped[train[3]] == 2 and served.fail[train[1]] == 0
+
+
+def test_a_remote_shard_that_does_not_match_its_sha256_is_named_counted_and_skipped(demo_shards, tiny_model,
+                                                                                   tmp_path):
+    pytest.importorskip("aiohttp")
+    index = load_index(demo_shards["shards"])
+    bad = Path(index.shards("train")[2].path).relative_to(demo_shards["shards"]).as_posix()
+    with http_server(demo_shards["shards"], Faults(corrupt={bad})) as (url, _):
+        run_dir = tmp_path / "run"
+        proc = run_training(overrides(tiny_model, url, run_dir, "optim.max_steps=8", "checkpoint.every_steps=0"))
+        assert f"{url}/{bad} does not match its sha256" in proc.output
+        assert sum(r["skipped_bad_samples"] for r in read_log(run_dir)) > 0 and read_log(run_dir)[-1]["step"] == 8
+        assert run_cli("inspect", url, "--verify", check=False).returncode == 1
+
+
+def test_the_cache_keeps_shards_for_later_epochs_within_its_bound(demo_shards, tmp_path):
+    pytest.importorskip("aiohttp")
+    shards = load_index(demo_shards["shards"]).shards("train")
+    with http_server(demo_shards["shards"]) as (url, served):
+        remote = load_index(url).shards("train")
+        fetcher = ShardFetcher(tmp_path / "cache", cache_bytes=10**9, prefetch=2)
+        fetcher.ahead(remote)
+        first = [fetcher.local(s).read_bytes() for s in remote]
+        fetcher.ahead(remote)
+        again = [fetcher.local(s).read_bytes() for s in remote]
+        assert first == again == [Path(s.path).read_bytes() for s in shards]
+        assert set(served.requests.values()) == {1}, "each shard fetched once, then read from the cache"
+        small = ShardFetcher(tmp_path / "small", cache_bytes=2 * max(s.bytes for s in shards), prefetch=0)
+        for s in remote:
+            small.local(s)
+        assert sum(p.stat().st_size for p in (tmp_path / "small").glob("*.tar")) <= small.cache_bytes
+        with pytest.raises(BadShard, match="no such file"):
+            ShardFetcher(prefetch=0).local(type(remote[0])(f"{url}/train/absent.tar", 1, bytes=10))
+
+
+def test_shard_out_s3_uploads_index_last_and_a_killed_upload_is_not_a_set(s3, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3["AWS_ENDPOINT_URL"]})
+    env = {**os.environ, **s3, "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "launcher", "shard", "--lang", "fr", "--source", f"cv:{DEMO}", "--out",
+           "s3://sets/up/fr", "--stage", str(tmp_path / "stage"), "--workers", "1", "--shard-size", "0.05"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not fs.glob("sets/up/fr/*/*.tar"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # uploads under way, more shards to come
+    proc.wait()
+    fs.invalidate_cache()
+    assert not fs.exists("sets/up/fr/index.json"), "a set is whole only once index.json is there"
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "uploaded: s3://sets/up/fr" in done.stderr
+    fs.invalidate_cache()
+    with environ(s3):
+        index = load_index("s3://sets/up/fr")
+        for split in index.split_names:
+            for shard in index.shards(split):
+                assert fs.info(shard.url)["size"] == shard.bytes
+    inspect = run_cli("inspect", "s3://sets/up/fr", "--verify", env=s3)
+    assert "all match index.json" in inspect.stdout
+
+
+def test_the_preflight_names_a_missing_credential_and_an_unreachable_address(s3, tiny_model, tmp_path):
+    from launcher.testing.env import free_port
+
+    recipe = str(REPO / "recipes" / "tiny_demo.yaml")
+    no_keys = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.run([sys.executable, "-m", "launcher", "doctor", "--recipe", recipe, "--set",
+                           f"model.name_or_path={tiny_model}", "data.shards=s3://sets/fr", "deepspeed.precision=fp32"],
+                          cwd=tmp_path, env={**bare, **no_keys, "AWS_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"],
+                                             "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+                                             "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE":
+                                             "/nonexistent"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no AWS credentials" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    closed = f"http://127.0.0.1:{free_port()}/fr"
+    proc = run_cli("validate", recipe, "--set", f"model.name_or_path={tiny_model}", f"data.shards={closed}",
+                   check=False)
+    assert proc.returncode == 2 and f"{closed}/index.json: cannot reach the address" in proc.stderr, proc.stderr
+
+
+def test_publish_dry_run_lists_the_set_and_a_card_the_hubs_parser_reads(demo_shards):
+    from huggingface_hub import DatasetCard
+
+    proc = run_cli("publish", str(demo_shards["shards"]), "--repo", "someone/whisper-fr-shards", "--dry-run",
+                   env={"HF_TOKEN": "hf_PLANTEDpublish42"})
+    assert "would upload" in proc.stdout and "hf_PLANTEDpublish42" not in proc.stdout + proc.stderr
+    card_text = proc.stdout.split("dataset card (README.md):\n", 1)[1]
+    card = DatasetCard(card_text)
+    assert card.data.language == ["fr"] and card.data.license == "cc0-1.0"
+    assert card.data.task_categories == ["automatic-speech-recognition"]
+    index = load_index(demo_shards["shards"])
+    for split in index.split_names:
+        assert f"| {split} | {index.samples(split):,} |" in card.content
+        for shard in index.shards(split):
+            assert shard.sha256 in card.content
+    listed = {line.split()[0] for line in proc.stdout.split("dataset card")[0].splitlines() if line.startswith("  ")}
+    assert "index.json" in listed and len([n for n in listed if n.endswith(".tar")]) == sum(
+        len(index.shards(s)) for s in index.split_names)
+    assert Counter(n.split("/")[0] for n in listed if n.endswith(".tar")) == {
+        s: len(index.shards(s)) for s in index.split_names}
