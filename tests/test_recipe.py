@@ -51,7 +51,8 @@ def test_the_80gb_recipe_is_the_same_run_under_zero2_with_16_clips_per_gpu():
 
 def test_the_multilingual_recipe_mixes_fr_de_es_it_equally_with_large_frs_settings():
     multi, fr = (load_recipe(REPO / "recipes" / name) for name in ("large_multi.yaml", "large_fr.yaml"))
-    assert [(Path(s.path).name, s.weight) for s in multi.data.shard_sets] == [(x, 1.0) for x in ("fr", "de", "es", "it")]
+    assert [(Path(s.path).name, s.weight) for s in multi.data.shard_sets] == [(x, 1.0) for x in
+                                                                             ("fr", "de", "es", "it")]
     assert multi.model.language is None and multi.model.train_language_token is None  # learnt: several languages
     assert multi.eval.select_by == "mean"
     assert (multi.optim.lr, multi.data.batch_size_per_gpu, multi.deepspeed) == (fr.optim.lr,
