@@ -62,6 +62,10 @@ def _rank_main(target: str, argv: list[str], env: dict, cwd: str, log: str) -> N
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    # A forkserver's child inherits "forkserver" as its default start method: the rank's loader workers would each
+    # start from a new forkserver of its own (an interpreter importing torch and the project: ~2.5 s a run). A rank
+    # DeepSpeed's launcher starts is a plain interpreter with the platform's default (fork on Linux): the same here.
+    multiprocessing.set_start_method(None, force=True)
     import torch
 
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
