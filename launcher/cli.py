@@ -135,6 +135,11 @@ def _doctor(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     if args.long_form is not None and not args.long_form > 0:
         raise LauncherError(f"--long-form must be a positive number of seconds, got {args.long_form:g}")
+    if args.language and len(args.shards) > 1:  # checked before torch is imported: the answer comes at once
+        raise LauncherError("--language is for one shards folder; with several, each one's index.json names its "
+                            "language")
+    if _names_a_folder(args.model) and not Path(args.model).expanduser().is_dir():
+        raise LauncherError(f"--model {args.model}: cannot load a Whisper model and processor (no such folder)")
     from launcher.evaluation.standalone import run_standalone
 
     reports = run_standalone(args.model, list(args.shards), args.split, batch_size=args.batch_size,
@@ -155,6 +160,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         print(f"mean WER {mean_wer(reports):.2f}% over {', '.join(reports)} (each language counting once)")
     return 0
+
+
+def _names_a_folder(model: str) -> bool:
+    """A path, not a hub id ("owner/name"): absolute, relative to . or ~, or deeper than one slash."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1
 
 
 def _launch(args: argparse.Namespace) -> int:

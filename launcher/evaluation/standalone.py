@@ -33,10 +33,7 @@ def run_standalone(model_name: str, shards_dirs: list[Path | str], split: str, *
 
     from launcher.console import progress_bar, quiet_libraries
 
-    indexes = [load_index(folder) for folder in shards_dirs]
-    if language and len(indexes) > 1:
-        raise LauncherError("--language is for one shards folder; with several, each one's index.json names its "
-                            "language")
+    indexes = [load_index(folder) for folder in shards_dirs]  # (--language with several folders: the CLI refuses)
     languages = [language or index.language for index in indexes]
     for folder, lang in zip(shards_dirs, languages, strict=True):
         if not lang:
