@@ -111,17 +111,16 @@ def windows_by_step(run_dir: Path) -> dict[int, dict[int, list]]:
     return out
 
 
-def test_resume_after_sigkill_matches_uninterrupted_losses_windows_and_sees_each_clip_once_per_pass(
-        packed_reference_run, tiny_model, demo_shards, tmp_path):
-    """SIGKILL mid-run (both ranks and their loader workers, mid-step), then --resume: every loss, gradient norm,
-    sample and packed window as the uninterrupted run's, each language's clips once per pass over them, no .tmp
-    checkpoint left. Packed and on two languages, the stream's richest state (open windows, the mix, the labels'
-    random choices); the same SIGKILL without packing, from an S3 set, is test_remote's kill-and-resume test."""
-    reference, run_dir = packed_reference_run, tmp_path / "run"
-    args = overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT, *packed(demo_shards))
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed-two-languages"])
+def test_resume_after_sigkill_matches_uninterrupted_losses_and_sees_each_sample_once_per_epoch(
+        request, tiny_model, demo_shards, tmp_path, pack):
+    reference = request.getfixturevalue("packed_reference_run") if pack else \
+        request.getfixturevalue("reference_run")[0]
+    run_dir = tmp_path / "run"
+    args = overrides(tiny_model, demo_shards["shards"], run_dir, *EXACT, *(packed(demo_shards) if pack else ()))
     with start_training(args) as job:
         wait_for_step(run_dir, 13, job)
-        job.kill(signal.SIGKILL)
+        job.kill(signal.SIGKILL)  # both ranks and their loader workers, mid-step
         job.wait()
     latest = (run_dir / "checkpoints" / "latest").read_text()
     assert latest in ("step-10", "step-15", "step-20") and read_log(run_dir)[-1]["step"] < 24, "killed mid-run"
@@ -132,10 +131,21 @@ def test_resume_after_sigkill_matches_uninterrupted_losses_windows_and_sees_each
     assert [r["loss"] for r in log] == [r["loss"] for r in ref_log], "bitwise equal losses after the resume"
     assert [r["grad_norm"] for r in log] == [r["grad_norm"] for r in ref_log]
     assert samples_by_step(run_dir) == samples_by_step(reference)
-    assert windows_by_step(run_dir) == windows_by_step(reference)
-    assert max(len(w) for rank in windows_by_step(run_dir).values() for ws in rank.values() for w in ws) > 1
-    assert_each_clip_once_per_pass([s for rank in samples_by_step(run_dir).values() for batches in rank.values()
-                                    for b in batches for s in b])
+    seen = [s for rank in samples_by_step(run_dir).values() for batches in rank.values() for b in batches
+            for s in b]
+    if pack:  # the same windows, and windows they are; each language's clips once per pass over them
+        assert windows_by_step(run_dir) == windows_by_step(reference)
+        assert max(len(w) for rank in windows_by_step(run_dir).values() for ws in rank.values() for w in ws) > 1
+        assert_each_clip_once_per_pass(seen)
+        return
+    # every training sample exactly once per epoch, over both ranks (epochs complete within 24 steps)
+    n_train = json.loads((demo_shards["shards"] / "index.json").read_text())["splits"]["train"]["samples"]
+    per_epoch = Counter(epoch for _, epoch in seen)
+    complete = [e for e in per_epoch if per_epoch[e] == n_train]
+    assert len(complete) >= 3
+    for epoch in complete:
+        ids = Counter(i for i, e in seen if e == epoch)
+        assert len(ids) == n_train and set(ids.values()) == {1}, f"epoch {epoch}"
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
 

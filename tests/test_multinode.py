@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -164,24 +165,27 @@ def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeo
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("what", ["whole-node", "launcher-only"])
 def test_a_node_that_dies_ends_the_job_with_one_line_and_resume_continues_on_one_node(tiny_model, demo_shards,
-                                                                                        tmp_path):
-    """2 nodes x 1 rank, each node started by its own DeepSpeed launcher. Mid-run, node 1's launchers are SIGKILLed
-    and not its rank: the orphaned rank must not train on (the kernel SIGKILLs it as its parent goes, so node 1 ends
-    as a node that died whole, its loader workers left to end on their own): node 0's rank stops with one line
-    naming the rank and node that went away and the command that resumes, no process of the job is left on either
-    node, the last complete checkpoint is intact, and --resume on one node continues."""
+                                                                                        tmp_path, what):
+    """2 nodes x 1 rank, each node started by its own DeepSpeed launcher. Mid-run, node 1 is SIGKILLed whole (its
+    launcher, rank and loader workers), or only its launcher (the rank, once orphaned, must not train on): node 0's
+    rank stops with one line naming the rank and node that went away and the command that resumes, no process of
+    the job is left on either node, the last complete checkpoint is intact, and --resume on one node continues."""
     run_dir, port = tmp_path / "run", free_port()
     common = overrides(tiny_model, demo_shards, run_dir, "checkpoint.every_steps=3", "data.num_workers=1")
     nodes = [start_node(n, tmp_path, port, [*common, "optim.max_steps=400"]) for n in (0, 1)]
     try:
         wait_for_step(run_dir, 5, nodes)
-        launcher = psutil.Process(nodes[1].pid)  # DeepSpeed's runner and its launch.py, not the rank they started
-        rank = next(p for p in launcher.children(recursive=True) if "launcher.train" in " ".join(p.cmdline())
-                    and "deepspeed.launcher.launch" not in " ".join(p.cmdline()))
-        for p in [launcher, *launcher.children(recursive=True)]:
-            if p.pid != rank.pid and p.ppid() != rank.pid:
-                p.kill()
+        launcher = psutil.Process(nodes[1].pid)
+        if what == "whole-node":
+            os.killpg(nodes[1].pid, signal.SIGKILL)
+        else:  # DeepSpeed's runner and its launch.py, not the rank they started
+            rank = next(p for p in launcher.children(recursive=True) if "launcher.train" in " ".join(p.cmdline())
+                        and "deepspeed.launcher.launch" not in " ".join(p.cmdline()))
+            for p in [launcher, *launcher.children(recursive=True)]:
+                if p.pid != rank.pid and p.ppid() != rank.pid:
+                    p.kill()
         killed = time.monotonic()
         output = nodes[0].communicate(timeout=120)[0]
         ended = time.monotonic() - killed
@@ -193,7 +197,7 @@ def test_a_node_that_dies_ends_the_job_with_one_line_and_resume_continues_on_one
     finally:
         for p in job_processes(nodes[0].pid, nodes[1].pid):
             p.kill()
-    print(f"node 0 ended {ended:.1f} s after node 1's launchers were killed")  # the figure for the note
+    print(f"{what}: node 0 ended {ended:.1f} s after node 1 was killed")  # the figure for the note
     assert nodes[0].returncode != 0 and ended < 60, (ended, output[-3000:])
     [line] = [line for line in output.splitlines() if "went away" in line]
     assert "rank 1 on node 1 (127.0.0.2) went away" in line and "--resume" in line, line
