@@ -111,6 +111,43 @@ def test_same_speaker_joins_only_one_speakers_clips(encoder):
     assert sorted([c.id for c in w.clips] for w in windows) == [["c0", "c2"], ["c1", "c5"], ["c3"], ["c4"]]
 
 
+def test_single_probability_closes_that_share_of_windows_around_their_first_clip(encoder):
+    """data.pack.single_probability: a window the packer opens holds its first clip alone with that probability (a
+    short clip followed by silence, as short-form evaluation presents it), the others are packed as before; the
+    draw follows the seed and the clip's place in the plan, never the order windows are asked for."""
+    clips = [clip(i, 300, 5) for i in range(600)]
+
+    def windows(p: float, seed: int = 0) -> list[list[str]]:
+        packer = Packer(PackSettings.from_seconds(30.0, 0.2, False, p), encoder.fits, seed)
+        return [[c.id for c in w.clips] for c in clips for w in packer.add(c)] + \
+            [[c.id for c in w.clips] for w in packer.flush()]
+
+    plain = windows(0.0)
+    assert windows(0.0, seed=7) == plain and all(len(w) == 9 for w in plain[:-1]), "p=0: packed as before"
+    assert all(len(w) == 1 for w in windows(1.0))
+    quarter = windows(0.25)
+    assert sorted(i for w in quarter for i in w) == sorted(c.id for c in clips), "every clip in exactly one window"
+    singles = sum(len(w) == 1 for w in quarter)
+    assert 0.15 < singles / len(quarter) < 0.35, (singles, len(quarter))
+    assert all(len(w) in (1, 9) for w in quarter[:-1]), "the other windows are filled as before"
+    assert windows(0.25) == quarter and windows(0.25, seed=1) != quarter
+
+
+def test_single_clip_windows_keep_each_clip_once_per_epoch_on_any_ranks(demo_shards, encoder):
+    meta = train_meta(demo_shards)
+    pack = PackSettings.from_seconds(12.0, 0.2, False, single_probability=0.5)
+    by_world = {}
+    for world in (1, 2):
+        seen, windows = [], []
+        for rank in range(world):
+            for x in epochs_of(stream(demo_shards, encoder, rank, world, pack).samples(0, 1), 1):
+                seen += x["ids"]
+                windows.append(x["ids"])
+        assert Counter(seen) == Counter(meta.keys())
+        by_world[world] = windows
+    assert any(len(w) == 1 for w in by_world[1]) and any(len(w) > 1 for w in by_world[1])
+
+
 def test_timestamped_labels_decode_to_each_clips_text_and_times_with_whispers_own_decoder(encoder, tokenizer):
     texts = ["Bonjour à tous.", "Il fait beau aujourd'hui.", "Merci beaucoup."]
     segments = [Segment(encoder.text_ids(t), start, end) for t, (start, end) in

@@ -10,6 +10,13 @@ joined: a window's labels start with one language token.
 Features are joined from the stored ones when the window is loaded (`features.join_features`), which gives the
 joined audio's log-mel except at the frames spanning a join: bench/packing.py measures the difference.
 
+With `single_probability` p, each window the packer opens is, with probability p, closed at once around its first
+clip: a share p of the windows hold one clip followed by silence, which is how short-form evaluation (and the event's
+test) presents every clip. Without them a packed model only ever sees windows filled with speech to ~30 s, and
+learns to keep talking: on short clips it loops or adds words after the clip ends, and on recordings shorter than
+30 s its last timestamps run past the audio (bench/packing.py measures both). The draw is seeded by the run's seed
+and the clip's epoch and position, so it is the same whatever the ranks, workers and resumes.
+
 Windows are built from a loader worker's stream of clips in its order, so every clip is in exactly one window per
 epoch, and they never span epochs (the stream closes every open window at an epoch's end; with `same_speaker` also
 at the end of each shuffle block, which bounds what is held to one block's clips).
@@ -17,6 +24,7 @@ at the end of each shuffle block, which bounds what is held to one block's clips
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -30,10 +38,13 @@ class PackSettings:
     max_frames: int  # the window's length in frames: max_seconds / 10 ms
     gap_frames: int  # silence between two clips
     same_speaker: bool
+    single_probability: float = 0.0  # share of windows that hold one clip (see the module's docstring)
 
     @classmethod
-    def from_seconds(cls, max_seconds: float, gap_seconds: float, same_speaker: bool) -> PackSettings:
-        return cls(int(round(max_seconds / FRAME_SECONDS)), int(round(gap_seconds / FRAME_SECONDS)), same_speaker)
+    def from_seconds(cls, max_seconds: float, gap_seconds: float, same_speaker: bool,
+                     single_probability: float = 0.0) -> PackSettings:
+        return cls(int(round(max_seconds / FRAME_SECONDS)), int(round(gap_seconds / FRAME_SECONDS)), same_speaker,
+                   single_probability)
 
 
 @dataclass
@@ -66,11 +77,17 @@ class Window:
 
 class Packer:
     """Clips in, windows out, in stream order of their closing. `fits(text lengths)` says whether a window's
-    labels fit the decoder. Without settings (packing off) every clip is a window of its own."""
+    labels fit the decoder. Without settings (packing off) every clip is a window of its own. `seed`: the run's,
+    for the single-clip windows' draws."""
 
-    def __init__(self, settings: PackSettings | None, fits: Callable[[list[int]], bool]):
-        self.settings, self.fits = settings, fits
+    def __init__(self, settings: PackSettings | None, fits: Callable[[list[int]], bool], seed: int = 0):
+        self.settings, self.fits, self.seed = settings, fits, seed
         self.open: dict[str, Window] = {}  # one per speaker (one in all without same_speaker)
+
+    def _single(self, clip: ClipRef) -> bool:
+        """Whether the window `clip` opens holds it alone: drawn from the seed and the clip's place in the plan."""
+        p = self.settings.single_probability
+        return p > 0 and random.Random(f"{self.seed}:single:{clip.epoch}:{clip.position}").random() < p
 
     def _key(self, clip: ClipRef) -> str:
         """The open window a clip may join: one per language, and per speaker with same_speaker."""
@@ -98,6 +115,9 @@ class Packer:
             yield self.open.pop(key)
             window, offset = None, 0
         if window is None:
+            if self._single(clip):
+                yield Window([clip], [0])
+                return
             window = self.open[key] = Window()
         window.clips.append(clip)
         window.offsets.append(offset)

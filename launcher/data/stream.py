@@ -49,7 +49,7 @@ class StreamSettings:
     def from_recipe(cls, recipe, max_frames: int = N_FRAMES) -> StreamSettings:
         d = recipe.data
         pack = PackSettings.from_seconds(d.pack.max_seconds or max_frames * FRAME_SECONDS, d.pack.gap_seconds,
-                                         d.pack.same_speaker) if d.pack.enabled else None
+                                         d.pack.same_speaker, d.pack.single_probability) if d.pack.enabled else None
         return cls(seed=recipe.seed, batch_size=d.batch_size_per_gpu, shuffle=d.shuffle,
                    shuffle_buffer=d.shuffle_buffer, verify=d.verify_shards, on_bad_data=d.on_bad_data, pack=pack,
                    timestamp_probability=d.timestamp_probability, prompt_probability=d.prompt_probability,
@@ -214,7 +214,7 @@ class ShardStream(IterableDataset):
     def _windows(self, worker: int, workers: int, counts: dict) -> Iterator[Window]:
         """This worker's endless stream of windows (one clip each without packing): epochs one after another,
         each block of clips in a seeded order."""
-        epoch, packer = self.plan.start_epoch, Packer(self.pack, self.labels.fits)
+        epoch, packer = self.plan.start_epoch, Packer(self.pack, self.labels.fits, self.seed)
         while True:
             produced = 0
             for block_no, block in enumerate(self._blocks(epoch, worker, workers, counts)):

@@ -50,6 +50,10 @@ class PackSection(Section):
         None, description="a window's length at most; default: the model's input window (30 s for Whisper)")
     same_speaker: bool = Field(False, description="join only clips of one speaker (the shards' speaker ids)")
     gap_seconds: Annotated[float, Field(ge=0.0, le=5.0)] = Field(0.2, description="silence between two clips")
+    single_probability: Probability = Field(
+        0.0, description="share of windows that hold a single clip followed by silence, as short-form evaluation "
+                         "presents every clip; without them a packed model learns that speech fills the window and "
+                         "keeps talking after a short clip ends (bench/packing.py)")
 
 
 class ShardSet(Section):
