@@ -105,6 +105,7 @@ def check_shards(recipe: Recipe, verify: bool = False) -> Check:
     """check_against_data_and_model passes (a model that does not load is the model check's line, not repeated
     here), and every shard of the splits the run reads, in every shard set, exists with the index's size (and
     sha256 with verify)."""
+    from launcher.shards import fetch
     from launcher.shards.format import load_index
 
     problems = []
@@ -127,13 +128,14 @@ def check_shards(recipe: Recipe, verify: bool = False) -> Check:
         if index.location.remote and not verify:
             # its index.json was read; the first bytes of one shard say the shards can be too (each shard's size and
             # sha256 only with --verify, which fetches every one)
+            first = next((s for s in shards if s.samples), None)
             try:
-                _first_bytes(next(s for s in shards if s.samples))
+                if first is not None:
+                    _first_bytes(first)
             except LauncherError as e:
                 problems.append(str(e))
-        else:
-            wrong += [f"{shard.url.removeprefix(str(index.folder)).lstrip('/')} {p}" for shard in shards
-                      if (p := shard.problem(hash_it=verify))]
+        else:  # a remote set's shards fetched and hashed, as `inspect --verify` does
+            wrong += [f"{index.relative(shard)} {p}" for shard in shards if (p := fetch.problem(shard, hash_it=verify))]
         counts = ", ".join(f"{s} {index.samples(s)} clips in {len(index.shards(s))} shard(s)" for s in splits)
         found.append(f"{index.folder}: {counts}")
     if not indexes:

@@ -120,6 +120,10 @@ class ShardIndex:
     def samples(self, split: str) -> int:
         return self._split(split)["samples"]
 
+    def relative(self, shard: Shard) -> str:
+        """A shard's path within the set, as index.json names it (for messages)."""
+        return shard.url.removeprefix(str(self.folder)).lstrip("/")
+
     def shards(self, split: str) -> list[Shard]:
         """The split's shards in index order, empty ones included (positions count through them)."""
         where = self.location

@@ -44,7 +44,7 @@ def inspect(folder: Path | str, verify: bool = False) -> int:
         for shard in shards:
             problem = fetch.problem(shard)
             if problem:
-                bad.append((shard.url.removeprefix(str(index.folder)).lstrip("/"), problem))
+                bad.append((index.relative(shard), problem))
             progress.advance(task, shard.bytes or 0)
     for path, problem in bad:
         console.print(f"[red]BAD[/] {path}: {problem}")
