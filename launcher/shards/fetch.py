@@ -47,7 +47,6 @@ class ShardFetcher:
         self._jobs: dict[str, Future] = {}
         self._queue: list[Shard] = []
         self._lock = threading.Lock()
-        self.retried = 0  # transient failures survived (for benchmarks and tests)
 
     # ---- where copies go ---------------------------------------------------------------------------------------
 
@@ -148,7 +147,6 @@ class ShardFetcher:
                     if attempt > self.retries:
                         raise BadShard(f"shard {shard.url} unreadable after {self.retries} retries: "
                                        f"{explain(shard.url, e)}", shard.samples) from None
-                    self.retried += 1
                     wait = self.backoff * 2 ** (attempt - 1)
                     print(f"warning: {shard.url}: {type(e).__name__} at byte {done}; retrying in {wait:.1f} s "
                           f"({attempt}/{self.retries})", file=sys.stderr, flush=True)

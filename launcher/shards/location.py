@@ -74,9 +74,6 @@ class Location:
         except Exception as e:  # noqa: BLE001 - every library raises its own: one line naming the cause
             raise LauncherError(explain(self.join(rel), e)) from None
 
-    def exists(self, rel: str) -> bool:
-        return Path(self.join(rel)).exists() if not self.remote else self.fs.exists(self.join(rel))
-
 
 def filesystem(url: str):
     """fsspec's filesystem for `url`, or a LauncherError naming the extra to install."""

@@ -78,11 +78,11 @@ def complete_remote_set(local: Path, url: str) -> None:
     for split in index.split_names:
         for shard in index.shards(split):
             rel = Path(shard.path).relative_to(local).as_posix()
+            size = Path(shard.path).stat().st_size
+            if shard.bytes is not None and size != shard.bytes:  # put checks the store holds the local file's size
+                raise LauncherError(f"{shard.path} has {size} bytes, index.json says {shard.bytes}: not writing "
+                                    "index.json")
             put(Path(shard.path), where, rel)
-            info = where.fs.info(where.join(rel))
-            if shard.bytes is not None and info.get("size") != shard.bytes:
-                raise LauncherError(f"{where.join(rel)} has {info.get('size')} bytes, index.json says {shard.bytes}: "
-                                    "not writing index.json")
     if (local / DROPPED_FILE).is_file():
         put(local / DROPPED_FILE, where, DROPPED_FILE)
     put(local / INDEX_FILE, where, INDEX_FILE)
