@@ -136,15 +136,11 @@ def load_index(folder: Path | str) -> ShardIndex:
     A set is whole once its index.json exists: writers put it last."""
     where = Location.of(folder)
     path = where.join(INDEX_FILE)
-    if where.remote:
-        text = where.read_bytes(INDEX_FILE).decode("utf-8")
-    elif not Path(path).is_file():
+    if not where.remote and not Path(path).is_file():
         raise LauncherError(f"{path} does not exist: run `python -m launcher shard` first, or point at the folder "
                             "that holds index.json")
-    else:
-        text = Path(path).read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
+        data = json.loads(where.read_bytes(INDEX_FILE).decode("utf-8"))
     except json.JSONDecodeError as e:
         raise LauncherError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
