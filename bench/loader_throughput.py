@@ -26,7 +26,7 @@ remote rate should stay within 0.9 of the local one. The bundled corpus's shards
 measure round trips per clip; the committed figures come from real-sized shards (64 MB, the packing benchmark's
 German set, which `bench/packing.py` makes on its first run):
 
-    python bench/loader_throughput.py --shards bench/.cache/cv-de-3300-shards
+    python bench/loader_throughput.py --shards bench/.cache/cv-de-3300-shards --seconds 8
 
 Saves bench/results/loader_throughput.json.
 

@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from launcher.errors import LauncherError
 from launcher.shards.fetch import ShardFetcher
-from launcher.shards.format import load_index
-from launcher.shards.reader import BadShard
+from launcher.shards.format import file_hashes, load_index
+from launcher.shards.reader import BadShard, read_samples
 from launcher.shards.upload import complete_remote_set
 from launcher.testing.stores import Faults, environ, http_server, s3_server
 from tests.conftest import DEMO, REPO, read_log, run_cli, run_training
@@ -112,6 +115,108 @@ def test_a_remote_shard_that_does_not_match_its_sha256_is_named_counted_and_skip
         assert f"{url}/{bad} does not match its sha256" in proc.output
         assert sum(r["skipped_bad_samples"] for r in read_log(run_dir)) > 0 and read_log(run_dir)[-1]["step"] == 8
         assert run_cli("inspect", url, "--verify", check=False).returncode == 1
+
+
+def small_pieces(shards: Path, out: Path, piece: int) -> Path:
+    """A copy of a set whose index.json records pieces of `piece` bytes (the reader honours each shard's size)."""
+    shutil.copytree(shards, out)
+    index = json.loads((out / "index.json").read_text())
+    for split in index["splits"].values():
+        for entry in split["shards"]:
+            entry["pieces"] = file_hashes(out / entry["path"], piece)[1].entry()
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
+def end_of_samples(path: Path, n: int) -> int:
+    """The byte where a tar's first `n` samples end."""
+    with tarfile.open(path) as tar:
+        keys = list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))[:n]
+        return max(m.offset_data + m.size for m in tar.getmembers() if m.name.split(".")[0] in keys)
+
+
+def test_a_remote_shard_is_read_as_its_bytes_arrive_each_piece_checked_first(demo_shards, tmp_path):
+    """The server holds back the rest of a shard after its first two samples: they are read meanwhile, checked (a
+    piece corrupted in flight is fetched again first); then the whole shard reads as the folder's."""
+    pytest.importorskip("aiohttp")
+    piece = 4096
+    folder = small_pieces(demo_shards["shards"], tmp_path / "set", piece)
+    shard = load_index(folder).shards("train")[0]
+    rel = Path(shard.path).relative_to(folder).as_posix()
+    expected = [(x.key, x.meta, x.mel) for x in read_samples(shard.path)]
+    hold = (end_of_samples(shard.path, 2) // piece + 2) * piece
+    assert hold < shard.bytes - 2 * piece, "the test needs a shard of more samples"
+    faults = Faults(hold_from={rel: hold}, corrupt={rel: piece + 10}, corrupt_times=1)
+    with http_server(folder, faults) as (url, served):
+        remote = load_index(url).shards("train")[0]
+        fetcher = ShardFetcher(prefetch=0, block=piece)
+        file, early = fetcher.open(remote), []
+        for sample in read_samples(file):
+            early.append((sample.key, sample.meta, sample.mel))
+            if len(early) == 2:
+                break
+        assert early == expected[:2] and file.download.ready < shard.bytes and not faults.release.is_set()
+        assert served.corrupted[rel] == 1, "the corrupted piece was fetched again before it was read"
+        faults.release.set()
+        file.seek(0)
+        assert [(x.key, x.meta, x.mel) for x in read_samples(file)] == expected
+        fetcher.release(remote, file)
+        fetcher.close()
+
+
+def test_a_piece_that_never_matches_loses_the_samples_after_it_and_no_sample_before(demo_shards, tmp_path):
+    pytest.importorskip("aiohttp")
+    piece = 4096
+    folder = small_pieces(demo_shards["shards"], tmp_path / "set", piece)
+    shard = load_index(folder).shards("train")[0]
+    rel = Path(shard.path).relative_to(folder).as_posix()
+    expected = [x.key for x in read_samples(shard.path)]
+    at = (end_of_samples(shard.path, 2) // piece + 1) * piece + 700  # in a piece of the third sample only
+    with http_server(folder, Faults(corrupt={rel: at})) as (url, _):
+        remote = load_index(url).shards("train")[0]
+        fetcher = ShardFetcher(prefetch=0, block=piece)
+        file, read = fetcher.open(remote), []
+        with pytest.raises(BadShard, match=rf"does not match its sha256 in index.json \(piece {at // piece + 1} of "
+                                           r"\d+, fetched twice\)") as error:
+            for sample in read_samples(file, range(len(expected))):
+                read.append(sample.key)
+        fetcher.release(remote, file)
+    assert read == expected[:2], "the samples before the bad piece, checked; none after it"
+    assert error.value.skipped == len(expected) - len(read)
+
+
+def test_a_set_without_pieces_is_checked_whole_before_it_is_read_and_bad_pieces_are_named(demo_shards, tmp_path):
+    """A set sharded before pieces existed: each remote shard is checked against its sha256 before any of it is
+    read (a wrong one gives no sample); an index.json whose pieces do not cover a shard is named."""
+    pytest.importorskip("aiohttp")
+    folder = tmp_path / "old"
+    shutil.copytree(demo_shards["shards"], folder)
+    index = json.loads((folder / "index.json").read_text())
+    for split in index["splits"].values():
+        for entry in split["shards"]:
+            del entry["pieces"]
+    (folder / "index.json").write_text(json.dumps(index))
+    shard = load_index(folder).shards("train")[1]
+    rel = Path(shard.path).relative_to(folder).as_posix()
+    with http_server(folder, Faults(corrupt={rel})) as (url, _):
+        remote = load_index(url).shards("train")
+        fetcher, read = ShardFetcher(prefetch=1, block=4096), []
+        fetcher.ahead(remote)
+        file = fetcher.open(remote[0])
+        assert [x.meta for x in read_samples(file)] == [x.meta for x in read_samples(load_index(folder).shards(
+            "train")[0].path)]
+        fetcher.release(remote[0], file)
+        file = fetcher.open(remote[1])
+        with pytest.raises(BadShard, match=r"does not match its sha256 in index.json \(fetched twice\)"):
+            read.extend(x.key for x in read_samples(file))
+        assert read == []
+        fetcher.release(remote[1], file)
+        fetcher.close()
+    index["splits"]["train"]["shards"][0]["pieces"] = {"bytes": 4096, "sha256": ["0" * 64]}
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(LauncherError, match=r"index.json: shard train/train-000000.tar: 1 pieces of 4096 bytes do "
+                                            r"not cover the shard's \d+ bytes"):
+        load_index(folder).shards("train")
 
 
 def test_the_cache_keeps_shards_for_later_epochs_within_its_bound(demo_shards, tmp_path):

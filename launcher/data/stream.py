@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ class ShardStream(IterableDataset):
 
     def _check(self, shard: Shard) -> None:
         """sha256 against index.json, hashed once per worker; a bad shard stays bad for every later epoch. A remote
-        shard is checked as it is fetched (`_local`)."""
+        shard is checked as it arrives (`fetch`)."""
         if shard not in self._checked and not shard.remote:
             problem = shard.problem()
             self._checked[shard] = BadShard(f"shard {shard.path} {problem}", shard.samples) if problem else None
@@ -134,11 +135,11 @@ class ShardStream(IterableDataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fetcher": None}
 
-    def _local(self, shard: Shard) -> Path:
-        """The shard as a local file: itself, or (a remote set's) its checked copy; a shard that stays unreadable or
-        wrong is a bad shard, for every later epoch too."""
+    def _open(self, shard: Shard) -> BinaryIO:
+        """The shard's bytes: its file, or (a remote set's) its copy, checked as it arrives; a shard that stays
+        unreachable is a bad shard, for every later epoch too."""
         try:
-            return self.fetcher().local(shard)
+            return self.fetcher().open(shard)
         except BadShard as e:
             self._checked[shard] = e
             raise
@@ -155,18 +156,20 @@ class ShardStream(IterableDataset):
             try:
                 if self.settings.verify or r.shard.remote:
                     self._check(r.shard)
-                path = self._local(r.shard)
+                file = self._open(r.shard)
             except BadShard as e:
                 counts["bad"] += self._bad(BadShard(str(e), skipped=len(r.wanted)), worker)
                 continue
             try:
-                for sample in read_samples(path, r.wanted):
+                for sample in read_samples(file, r.wanted):
                     at = int(r.positions[np.searchsorted(r.wanted, sample.position)])
                     yield StoredSample(at, r.set, r.shard.name, sample.key, sample.mel, sample.meta)
             except BadShard as e:
+                if r.shard.remote:  # its bytes stopped coming or were not its own: not read again
+                    self._checked[r.shard] = BadShard(str(e), len(r.wanted))
                 counts["bad"] += self._bad(e, worker)
             finally:
-                self.fetcher().release(r.shard, path)
+                self.fetcher().release(r.shard, file)
 
     def _blocks(self, epoch: int, worker: int, workers: int, counts: dict) -> Iterator[list[StoredSample]]:
         """This worker's samples of one epoch, in the epoch's order (the sets read side by side), in blocks of

@@ -281,7 +281,8 @@ def _write_index(out: Path, header: dict, journals: dict[str, Journal]) -> dict:
         if split not in journals:
             continue
         j = journals[split]
-        shards = [{k: s[k] for k in ("path", "samples", "seconds", "bytes", "sha256")} for s in j.shards]
+        shards = [{k: s[k] for k in ("path", "samples", "seconds", "bytes", "sha256", "pieces") if k in s}
+                  for s in j.shards]  # a journal from before pieces has none
         splits[split] = {"samples": sum(s["samples"] for s in shards),
                          "seconds": round(sum(s["seconds"] for s in shards), 4),
                          "dropped": len(j.drops), "shards": shards}

@@ -1,15 +1,18 @@
 """Bringing a remote set's shards to this node (`ShardFetcher`): the loader's guarantees kept over a network.
 
-- Every shard is downloaded whole into a local file before any of its samples is read, its sha256 computed on the
-  way and compared with index.json's: a shard is used entirely or, if its bytes stay wrong or unreadable, not at all
-  (`BadShard`, named and counted as a local bad shard is, or the run stops with `data.on_bad_data: stop`). Samples
-  are then read from the local copy exactly as from a folder, so a run from a URL sees the same samples in the same
-  order as from the folder: same losses, bitwise, and the same exact resume.
+- A shard is streamed: its bytes arrive in a local file, in a background thread, and the reader reads them as they
+  arrive (`open`), through the same tar reader as a folder's shard, so a run from a URL sees the same samples in the
+  same order as from the folder: same losses, bitwise, and the same exact resume.
+- Bytes are checked before the reader sees them: a piece at a time against index.json's piece hashes
+  (`format.Pieces`), or, for a set written before pieces existed, the whole shard against its sha256 before any of
+  it is read. A piece that does not match is fetched again once (bytes corrupted in flight are not the shard's);
+  if it still does not match, the shard is bad from there on (`BadShard`, named and counted as a local bad shard
+  is, or the run stops with `data.on_bad_data: stop`): samples before it were checked, none after it is used.
 - Transient failures (a connection reset or dropped mid-shard, a timeout, 5xx, throttling) are retried with
   exponential backoff, continuing at the byte reached (a range request); nothing above this layer sees them, so no
   sample is repeated or lost.
-- The next shards of the worker's part of the epoch are fetched in the background (`ahead`), `prefetch` at a time,
-  so reading rarely waits on the network.
+- The next shards of the worker's part of the epoch are fetched in the background (`ahead`), `prefetch` at a time
+  beside the one being read, so reading rarely waits on the network.
 - With a cache folder and a size bound (`data.remote_cache` / `data.remote_cache_gb`), copies are kept for later
   epochs and ranks on the node, the least recently used evicted past the bound; without one, each copy is deleted
   once read.
@@ -18,33 +21,146 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 from launcher.shards.format import Shard
 from launcher.shards.location import explain, filesystem
 from launcher.shards.reader import BadShard
 
-CHUNK = 1 << 20  # written and hashed a chunk at a time
-BLOCK = 16 << 20  # asked for a block at a time: a request per 16 MiB, not per chunk, where each costs a round trip
+CHUNK = 1 << 20  # written, hashed and handed on a chunk at a time
+BLOCK = 16 << 20  # asked for a block at a time: a request per 16 MiB, not per chunk, where each costs a round trip;
+# a block's bytes reach the reader once the block is in (the filesystems' range reads return whole blocks)
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Mismatch(Exception):
+    """Bytes that are not the shard's: fetched again from where the unchecked part starts."""
+
+
+class _Download:
+    """One shard's bytes arriving in a local file (`part`, renamed to `target` when whole): `ready` bytes of it are
+    checked and may be read; `error` is why the rest never will be."""
+
+    def __init__(self, shard: Shard, target: Path):
+        self.shard, self.target = shard, target
+        self.part = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.{id(self)}.part")
+        self.part.touch()  # readers open it at once, before the download thread starts
+        self.size = shard.bytes
+        self.ready = 0  # bytes checked: a reader may read them
+        self.written, self.hasher = 0, hashlib.sha256()  # the download thread's: bytes in the file, the unchecked hash
+        self.finished = self.cancelled = False
+        self.error: BadShard | None = None
+        self.cond = threading.Condition()
+
+    def publish(self, ready: int) -> None:
+        with self.cond:
+            self.ready = ready
+            self.cond.notify_all()
+            if self.cancelled:
+                raise _Cancelled
+
+    def finish(self, error: BadShard | None = None, then: Callable[[], None] | None = None) -> None:
+        """Whole and checked (renamed into place, unless cancelled meanwhile, and `then` called before a reader
+        hears of it), or failed with `error`."""
+        with self.cond:
+            if error is None and not self.cancelled:
+                os.replace(self.part, self.target)
+                self.size = self.ready
+                if then is not None:
+                    then()
+            else:
+                self.part.unlink(missing_ok=True)
+            self.finished, self.error = True, error
+            self.cond.notify_all()
+
+    def wait(self, upto: int) -> None:
+        """Until `upto` bytes may be read; BadShard if they never will."""
+        with self.cond:
+            while self.ready < upto and not self.finished:
+                self.cond.wait()
+            if self.ready < upto and self.error is not None:
+                raise BadShard(str(self.error), self.error.skipped)
+
+    def cancel(self) -> bool:
+        """The reader is done: stop downloading. True if the shard was already whole (then at `target`)."""
+        with self.cond:
+            self.cancelled = True
+            return self.finished and self.error is None
+
+
+class _ArrivingFile(io.RawIOBase):
+    """A seekable read-only view of a shard still arriving: a read waits until its bytes are there and checked."""
+
+    def __init__(self, download: _Download):
+        super().__init__()
+        self.download, self.pos = download, 0
+        try:
+            self._file = open(download.part, "rb")  # noqa: SIM115 - closed with this object
+        except FileNotFoundError:  # renamed into place meanwhile
+            self._file = open(download.target, "rb")  # noqa: SIM115
+        self.name = str(download.target)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def _size(self) -> int:
+        if self.download.size is None:  # index.json without sizes: known once whole
+            self.download.wait(sys.maxsize)
+        return self.download.size if self.download.size is not None else self.download.ready
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos}.get(whence)
+        self.pos = max(0, offset + (self._size() if base is None else base))
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        end = min(self.pos + len(buffer), self._size())
+        if end <= self.pos:
+            return 0
+        self.download.wait(end)
+        self._file.seek(self.pos)
+        view, got = memoryview(buffer)[: end - self.pos], 0
+        while got < len(view) and (n := self._file.readinto(view[got:])):  # a full read: tarfile takes short as end
+            got += n
+        self.pos += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
 
 
 class ShardFetcher:
     def __init__(self, cache: Path | None = None, cache_bytes: int = 0, *, prefetch: int = 2, retries: int = 6,
-                 backoff: float = 0.5, verify: bool = True):
+                 backoff: float = 0.5, verify: bool = True, block: int = BLOCK):
         self.cache = Path(cache) if cache else None
+        self.block, self.chunk = block, min(CHUNK, block)  # bytes a request asks for; bytes handed on at a time
         self.cache_bytes, self.prefetch, self.retries, self.backoff = cache_bytes, max(prefetch, 0), retries, backoff
         self.verify = verify
         self._scratch: Path | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._jobs: dict[str, Future] = {}
+        self._jobs: dict[str, _Download] = {}
         self._queue: list[Shard] = []
         self._lock = threading.Lock()
 
@@ -56,7 +172,16 @@ class ShardFetcher:
         if self.cache is None and self._scratch is None:
             self._scratch = Path(tempfile.mkdtemp(prefix="launcher-shards-"))
         key = shard.sha256 or hashlib.sha256(shard.url.encode()).hexdigest()
-        return (self.cache or self._scratch) / f"{key[:40]}.tar"
+        folder = self.cache or self._scratch
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{key[:40]}.tar"
+
+    def _cached(self, shard: Shard) -> Path | None:
+        target = self._target(shard)
+        if target.is_file() and target.stat().st_size == shard.bytes:
+            os.utime(target)  # recently used: evicted last
+            return target
+        return None
 
     # ---- the public part ---------------------------------------------------------------------------------------
 
@@ -66,80 +191,120 @@ class ShardFetcher:
             self._queue = [s for s in shards if s.remote]
         self._schedule()
 
-    def local(self, shard: Shard) -> Path:
-        """A local file with the shard's bytes (checked against index.json), fetched now unless prefetched."""
+    def open(self, shard: Shard) -> BinaryIO:
+        """The shard's bytes to read, in order or not: a local file, a cached copy, or a copy still arriving (a read
+        waits for its bytes, checked; BadShard where they never come or are not the shard's). `release` it."""
         if not shard.remote:
-            return shard.path
+            return open(shard.path, "rb")  # noqa: SIM115 - the caller releases it
         with self._lock:
             if shard in self._queue:
                 self._queue = self._queue[self._queue.index(shard) + 1:]
-            job = self._jobs.get(shard.url)
-        path = job.result() if job is not None else self._fetch(shard)
-        with self._lock:
-            self._jobs.pop(shard.url, None)
+            download = self._jobs.pop(shard.url, None)
+        if download is None:
+            if (cached := self._cached(shard)) is not None:
+                self._schedule()
+                return open(cached, "rb")  # noqa: SIM115
+            download = self._start(shard)
         self._schedule()
-        return path
+        return _ArrivingFile(download)
 
-    def release(self, shard: Shard, path: Path) -> None:
-        """Done with a copy: without a cache it is deleted."""
-        if shard.remote and self.cache is None:
-            path.unlink(missing_ok=True)
+    def release(self, shard: Shard, file: BinaryIO) -> None:
+        """Done with a shard: closed, its download stopped unless a cache keeps it, and without a cache the copy is
+        deleted."""
+        file.close()
+        if not shard.remote or self.cache is not None:
+            return
+        download = getattr(file, "download", None)
+        if download is None or download.cancel():
+            Path(file.name).unlink(missing_ok=True)
+
+    def local(self, shard: Shard) -> Path:
+        """The whole shard as a local file (checked against index.json): for readers that keep paths to its bytes."""
+        if not shard.remote:
+            return shard.path
+        file = self.open(shard)
+        try:
+            if isinstance(file, _ArrivingFile):
+                file.download.wait(sys.maxsize)
+        finally:
+            file.close()
+        return Path(file.name)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        for download in self._jobs.values():
+            download.cancel()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
     # ---- the work ----------------------------------------------------------------------------------------------
 
+    def _start(self, shard: Shard) -> _Download:
+        with self._lock:
+            if self._pool is None:  # the shard being read, and `prefetch` more
+                self._pool = ThreadPoolExecutor(self.prefetch + 1, thread_name_prefix="shard-fetch")
+        download = _Download(shard, self._target(shard))
+        self._pool.submit(self._run, download)
+        return download
+
     def _schedule(self) -> None:
         if not self.prefetch:
             return
         with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="shard-prefetch")
-            for shard in self._queue[: self.prefetch]:
-                if shard.url not in self._jobs:
-                    self._jobs[shard.url] = self._pool.submit(self._fetch, shard)
+            wanted = [s for s in self._queue[: self.prefetch] if s.url not in self._jobs]
+        for shard in wanted:
+            if self._cached(shard) is None:
+                download = self._start(shard)
+                with self._lock:
+                    self._jobs[shard.url] = download
 
-    def _fetch(self, shard: Shard) -> Path:
-        target = self._target(shard)
-        if target.is_file() and target.stat().st_size == shard.bytes:
-            os.utime(target)  # recently used: evicted last
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.part")
+    def _run(self, download: _Download) -> None:
         try:
-            digest = self._download(shard, part)
-            if self.verify and shard.sha256 and digest != shard.sha256:
-                digest = self._download(shard, part)  # once more: bytes corrupted in flight are not the shard's
-                if digest != shard.sha256:
-                    raise BadShard(f"shard {shard.url} does not match its sha256 in index.json (downloaded twice)",
-                                   shard.samples)
-            os.replace(part, target)
-        finally:
-            part.unlink(missing_ok=True)
-        self._evict(keep=target)
-        return target
+            self._download(download)
+        except _Cancelled:
+            download.finish(BadShard(f"shard {download.shard.url}: reading stopped", 0))
+            return
+        except BadShard as e:
+            download.finish(e)
+            return
+        except BaseException as e:  # noqa: BLE001 - never leave a reader waiting
+            download.finish(BadShard(f"shard {download.shard.url}: {type(e).__name__}: {e}", download.shard.samples))
+            raise
+        download.finish(then=lambda: self._evict(keep=download.target))
 
-    def _download(self, shard: Shard, part: Path) -> str:
-        """The shard's bytes into `part`, continuing after transient failures at the byte reached; its sha256."""
+    def _download(self, d: _Download) -> None:
+        """The shard's bytes into the download's file, `ready` moved on as they are checked; transient failures are
+        retried at the byte reached, a piece that does not match is fetched again once."""
+        shard = d.shard
         fs = filesystem(shard.url)
-        digest, done, attempt = hashlib.sha256(), 0, 0
-        with open(part, "wb") as out:
+        pieces = shard.pieces if self.verify else None
+        whole = bool(self.verify and shard.sha256 and pieces is None)  # an old set's shard: checked whole, then read
+        attempt, refetched = 0, set()
+        d.written, d.hasher = 0, hashlib.sha256()  # bytes in the file; the hash of the part not yet checked
+        with open(d.part, "r+b", buffering=0) as out:
             while True:
                 try:
-                    with fs.open(shard.url, "rb", block_size=BLOCK) as f:
-                        if done:
-                            f.seek(done)
-                        while block := f.read(CHUNK):
-                            out.write(block)
-                            digest.update(block)
-                            done += len(block)
-                    if shard.bytes is not None and done < shard.bytes:
-                        raise ConnectionError(f"the transfer ended at byte {done} of {shard.bytes}")
-                    return digest.hexdigest()
+                    with fs.open(shard.url, "rb", block_size=self.block) as f:
+                        if d.written:
+                            f.seek(d.written)
+                        out.seek(d.written)
+                        out.truncate()
+                        while block := f.read(self.chunk):
+                            if d.cancelled:
+                                raise _Cancelled
+                            self._take(d, memoryview(block), out, refetched, publish=not whole)
+                    if shard.bytes is not None and d.written < shard.bytes:
+                        raise ConnectionError(f"the transfer ended at byte {d.written} of {shard.bytes}")
+                    if whole and d.hasher.hexdigest() != shard.sha256:
+                        self._mismatch(shard, 0, 1, refetched)
+                        raise _Mismatch
+                    d.publish(d.written)
+                    return
+                except _Mismatch:  # again from the start of what was not checked
+                    d.written, d.hasher = d.ready, hashlib.sha256()
+                except (_Cancelled, BadShard):
+                    raise
                 except PERMANENT as e:
                     raise BadShard(f"shard {explain(shard.url, e)}", shard.samples) from None
                 except Exception as e:  # noqa: BLE001 - network libraries raise their own kinds: retried, then named
@@ -148,9 +313,40 @@ class ShardFetcher:
                         raise BadShard(f"shard {shard.url} unreadable after {self.retries} retries: "
                                        f"{explain(shard.url, e)}", shard.samples) from None
                     wait = self.backoff * 2 ** (attempt - 1)
-                    print(f"warning: {shard.url}: {type(e).__name__} at byte {done}; retrying in {wait:.1f} s "
+                    print(f"warning: {shard.url}: {type(e).__name__} at byte {d.written}; retrying in {wait:.1f} s "
                           f"({attempt}/{self.retries})", file=sys.stderr, flush=True)
-                    time.sleep(wait)
+                    time.sleep(wait)  # then on from `written`: the bytes before it are in the file and the hash
+
+    def _take(self, d: _Download, view: memoryview, out, refetched: set[int], publish: bool) -> None:
+        """Write and hash `view`, the bytes after `d.written`; with pieces, each one that matches is published
+        (without, everything at once when `publish`: a shard not checked, or checked whole at the end)."""
+        shard, pieces = d.shard, d.shard.pieces if self.verify else None
+        if shard.bytes is not None and d.written + len(view) > shard.bytes:
+            raise BadShard(f"shard {shard.url} has more bytes than index.json's {shard.bytes}", shard.samples)
+        while view:
+            end = (d.written // pieces.size + 1) * pieces.size if pieces else d.written + len(view)
+            take, view = view[: end - d.written], view[end - d.written:]
+            out.write(take)
+            d.hasher.update(take)
+            d.written += len(take)
+            if pieces and d.written in (end, shard.bytes):
+                number = (d.written - 1) // pieces.size
+                if d.hasher.hexdigest() != pieces.sha256[number]:
+                    self._mismatch(shard, number, len(pieces.sha256), refetched)
+                    raise _Mismatch
+                d.hasher = hashlib.sha256()
+                d.publish(d.written)
+        if publish and not pieces:
+            d.publish(d.written)
+
+    @staticmethod
+    def _mismatch(shard: Shard, number: int, count: int, refetched: set[int]) -> None:
+        """A piece (or an old set's whole shard) that is not the shard's: fetched again once, then a bad shard."""
+        if number in refetched:
+            where = f"piece {number + 1} of {count}, " if count > 1 else ""
+            raise BadShard(f"shard {shard.url} does not match its sha256 in index.json ({where}fetched twice)",
+                           shard.samples)
+        refetched.add(number)
 
     def _evict(self, keep: Path) -> None:
         """Least recently used copies out, past the cache's size bound (the one just fetched stays)."""
@@ -181,7 +377,7 @@ def problem(shard: Shard, hash_it: bool = True) -> str | None:
     if hash_it and shard.sha256:
         fetcher = ShardFetcher(prefetch=0)
         try:
-            fetcher.release(shard, fetcher.local(shard))
+            fetcher.local(shard)
         except BadShard as e:
             return str(e).removeprefix(f"shard {shard.url} ")
         finally:

@@ -4,11 +4,15 @@ Read tolerantly (unknown keys are allowed), written strictly:
 
     OUT/index.json      format, features (n_mels, sampling_rate, n_fft, hop_length, dtype, frames), source (what
                         was read, language), splits (samples, seconds, shards: path relative to OUT, samples,
-                        seconds, bytes, sha256), dropped (count by reason)
+                        seconds, bytes, sha256, pieces), dropped (count by reason)
     OUT/dropped.jsonl   one line per dropped clip: id, split, reason, detail
     OUT/<split>/*.tar   WebDataset tars; one sample = KEY.mel.npy (float16 [n_mels, frames], unpadded) + KEY.json
                         (id, text, lang, seconds[, speaker]); .npy is loaded with allow_pickle=False, nothing is
                         unpickled
+
+A shard's `pieces` ({"bytes": 4 MiB, "sha256": [one per piece]}) let a reader check bytes as they arrive from a URL
+and read them before the rest of the shard is there (`fetch.ShardFetcher`); sets written before pieces existed have
+none and are checked whole before they are read.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from launcher.shards.location import Location, is_url
 FORMAT = "whisper-shards/1"
 INDEX_FILE = "index.json"
 DROPPED_FILE = "dropped.jsonl"
+PIECE_BYTES = 4 << 20  # a shard's bytes are checked (and can be read from a URL) a piece at a time
 MEL = "mel.npy"  # member suffixes of one sample: KEY.mel.npy and KEY.json
 META = "json"
 
@@ -45,6 +50,40 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_hashes(path: Path, piece: int = PIECE_BYTES) -> tuple[str, Pieces]:
+    """A file's sha256 and its pieces' (one read)."""
+    whole, hashes = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        while block := f.read(piece):
+            whole.update(block)
+            hashes.append(hashlib.sha256(block).hexdigest())
+    return whole.hexdigest(), Pieces(piece, tuple(hashes))
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """A shard's bytes in pieces of `size` (the last one shorter), each with its sha256."""
+
+    size: int
+    sha256: tuple[str, ...]
+
+    def entry(self) -> dict:
+        return {"bytes": self.size, "sha256": list(self.sha256)}
+
+    @classmethod
+    def from_entry(cls, entry: dict | None, shard_bytes: int | None, where: str) -> Pieces | None:
+        if entry is None:
+            return None
+        try:
+            pieces = cls(int(entry["bytes"]), tuple(str(h) for h in entry["sha256"]))
+        except (TypeError, KeyError, ValueError) as e:
+            raise LauncherError(f"{where}: malformed pieces ({type(e).__name__}: {e})") from None
+        if pieces.size <= 0 or shard_bytes is None or len(pieces.sha256) != max(1, -(-shard_bytes // pieces.size)):
+            raise LauncherError(f"{where}: {len(pieces.sha256)} pieces of {pieces.size} bytes do not cover the "
+                                f"shard's {shard_bytes} bytes")
+        return pieces
+
+
 @dataclass(frozen=True)
 class Shard:
     """One tar of a split, as index.json lists it: an absolute path, or the URL of a remote set's shard (read through
@@ -55,6 +94,7 @@ class Shard:
     seconds: float = 0.0
     bytes: int | None = None
     sha256: str | None = None
+    pieces: Pieces | None = None
 
     @property
     def remote(self) -> bool:
@@ -126,9 +166,13 @@ class ShardIndex:
 
     def shards(self, split: str) -> list[Shard]:
         """The split's shards in index order, empty ones included (positions count through them)."""
-        where = self.location
-        return [Shard(where.join(s["path"]) if where.remote else Path(where.join(s["path"])), s["samples"],
-                      s.get("seconds", 0.0), s.get("bytes"), s.get("sha256")) for s in self._split(split)["shards"]]
+        where, out = self.location, []
+        for s in self._split(split)["shards"]:
+            path = where.join(s["path"])
+            out.append(Shard(path if where.remote else Path(path), s["samples"], s.get("seconds", 0.0), s.get("bytes"),
+                             s.get("sha256"), Pieces.from_entry(s.get("pieces"), s.get("bytes"),
+                                                                f"{where.join(INDEX_FILE)}: shard {s['path']}")))
+        return out
 
 
 def load_index(folder: Path | str) -> ShardIndex:

@@ -7,6 +7,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -59,18 +60,23 @@ def load_mel(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def read_samples(path: Path, wanted: Sequence[int] | None = None, *, load_mel: bool = True) -> Iterator[TarSample]:
-    """The samples at the sorted in-shard positions `wanted` (all when None), seeking over the others. With
-    `load_mel=False` only the JSON is read and the features are located (`mel_ref`), not loaded.
+def read_samples(path: Path | BinaryIO, wanted: Sequence[int] | None = None, *,
+                 load_mel: bool = True) -> Iterator[TarSample]:
+    """The samples at the sorted in-shard positions `wanted` (all when None), seeking over the others, from a shard's
+    path or an open binary file (`fetch.ShardFetcher.open`: one still arriving). With `load_mel=False` only the JSON
+    is read and the features are located (`mel_ref`), not loaded.
 
-    A truncated or corrupt tar, or a sample missing a member, raises BadShard naming the shard and the last key."""
+    A truncated or corrupt tar, a sample missing a member, or bytes that never arrive raise BadShard naming the shard
+    and the last key."""
     if wanted is not None and not len(wanted):
         return
     last = wanted[-1] if wanted is not None else None
     lookup = wanted if wanted is None or isinstance(wanted, range) else set(np.asarray(wanted).tolist())
     position, key, parts, delivered = -1, None, {}, 0
+    file = path if hasattr(path, "read") else None
+    path = Path(file.name) if file is not None else path
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(path if file is None else None, "r:", fileobj=file) as tar:
             for member in tar:
                 k, _, ext = member.name.partition(".")
                 if k != key:
@@ -86,6 +92,8 @@ def read_samples(path: Path, wanted: Sequence[int] | None = None, *, load_mel: b
                 if META in parts and "ref" in parts:
                     delivered += 1
                     yield TarSample(position, key, parts[META], parts.get(MEL), parts["ref"])
+    except BadShard as e:  # a remote shard's bytes stopped coming or were not its own
+        raise BadShard(f"{e} (after key {key!r})", len(wanted) - delivered if wanted is not None else 0) from None
     except (tarfile.TarError, OSError, EOFError) as e:
         skipped = len(wanted) - delivered if wanted is not None else 0
         raise BadShard(f"shard {path} is unreadable after key {key!r}: {type(e).__name__}: {e}", skipped) from None

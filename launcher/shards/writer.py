@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.errors import LauncherError
-from launcher.shards.format import Shard, sha256_file
+from launcher.shards.format import Shard, file_hashes
 
 TAR_BLOCK = 512
 
@@ -67,8 +67,9 @@ class ShardWriter:
             return None
         self._tar.close()
         tmp = self.out / f"{self.rel_path}.tmp"
+        sha256, pieces = file_hashes(tmp)
         entry = {"path": self.rel_path, "samples": self._samples, "seconds": round(self._seconds, 4),
-                 "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+                 "bytes": tmp.stat().st_size, "sha256": sha256, "pieces": pieces.entry()}
         os.replace(tmp, self.out / self.rel_path)
         self._tar, self._size, self._samples, self._seconds = None, 0, 0, 0.0
         self.number += 1

@@ -75,15 +75,21 @@ def environ(values: dict[str, str]) -> Iterator[None]:
 class Faults:
     """What the server does to requests for a file (by its path under the folder): `drop_after` bytes then the
     connection is closed, for the first `drop_times` GETs that reach that many bytes; `fail` 503s before it
-    answers; `corrupt` serves the file with one byte changed, always; `delay` seconds before every answer."""
+    answers; `corrupt` serves the file with one byte changed (at byte 1000, or at the given byte), the first
+    `corrupt_times` times it is asked for that byte (None: always); `delay` seconds before every answer; `hold_from`
+    keeps a GET whose range starts at or after that byte waiting until `release` is set."""
 
     drop_after: dict[str, int] = field(default_factory=dict)
     drop_times: int = 1
     fail: dict[str, int] = field(default_factory=dict)
-    corrupt: set[str] = field(default_factory=set)
+    corrupt: set[str] | dict[str, int] = field(default_factory=set)
+    corrupt_times: int | None = None
     delay: float = 0.0
+    hold_from: dict[str, int] = field(default_factory=dict)
+    release: threading.Event = field(default_factory=threading.Event)
     requests: Counter = field(default_factory=Counter)  # GETs per path, as served
     dropped: Counter = field(default_factory=Counter)  # connections closed mid-file, per path
+    corrupted: Counter = field(default_factory=Counter)  # answers with a byte changed, per path
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -119,13 +125,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(503, "try again")
             return
         data = path.read_bytes()
-        if rel in faults.corrupt:
-            data = data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:]
         start, end = 0, len(data) - 1
         header = self.headers.get("Range")
         if header and header.startswith("bytes="):
             first, _, last = header[6:].partition("-")
-            start, end = int(first or 0), int(last) if last else len(data) - 1
+            start, end = int(first or 0), min(int(last), len(data) - 1) if last else len(data) - 1
+        if rel in faults.hold_from and start >= faults.hold_from[rel]:
+            faults.release.wait(120)
+        at = faults.corrupt.get(rel) if isinstance(faults.corrupt, dict) else 1000 if rel in faults.corrupt else None
+        if at is not None and start <= at <= end and (faults.corrupt_times is None or faults.corrupted[rel] <
+                                                      faults.corrupt_times):
+            faults.corrupted[rel] += 1
+            data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
         body = data[start:end + 1]
         faults.requests[rel] += 1
         self.send_response(206 if header else 200)
