@@ -317,13 +317,15 @@ def spread(values: list[float]) -> dict:
 
 
 def aggregate(runs: dict) -> dict:
+    """Per arm and budget ("<arm>-n<steps>"): mean and spread over its seeds."""
     arms: dict[str, dict] = {}
-    for _, r in sorted(runs.items()):
-        arms.setdefault(r["training"]["arm"], []).append(r)
+    for _, r in sorted(runs.items(), key=lambda kv: (kv[1]["training"]["steps"], kv[0])):
+        arms.setdefault(f"{r['training']['arm']}-n{r['training']['steps']}", []).append(r)
     out = {}
-    for arm, rs in arms.items():
+    for key, rs in arms.items():
         s, lf, t = [r["short_form"] for r in rs], [r["long_form"] for r in rs], [r["training"] for r in rs]
-        out[arm] = {"seeds": [x["seed"] for x in t], "steps": sorted({x["steps"] for x in t}),
+        arm = t[0]["arm"]
+        out[key] = {"arm": arm, "steps": t[0]["steps"], "seeds": [x["seed"] for x in t],
                     "tests": ARMS[arm][1] if arm in ARMS else None,
                     "short_form_wer": spread([x["wer"] for x in s]),
                     "runaway_clips": spread([x["runaway_clips"] for x in s]),
