@@ -118,6 +118,7 @@ def test_logits_are_three_copies_of_batch_x_labels_x_vocabulary():
     short, long = estimate(label_tokens=32), estimate(label_tokens=448)
     assert long["activations_gib"] > short["activations_gib"]
     assert estimate()["logits_gib"] == estimate(label_tokens=224)["logits_gib"]  # the default
+    assert estimate("data.pack.enabled=true") == estimate(label_tokens=448)  # packed windows' labels reach 448
 
 
 def test_activations_scale_with_the_batch():

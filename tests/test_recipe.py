@@ -47,6 +47,15 @@ def test_the_80gb_recipe_is_the_same_run_under_zero2_with_16_clips_per_gpu():
     batch = [r.data.batch_size_per_gpu * r.optim.grad_accum for r in (small, big)]
     assert batch[0] == batch[1], "the same global batch on 8 GPUs"
     assert (big.model, big.optim.lr, big.optim.max_steps) == (small.model, small.optim.lr, small.optim.max_steps)
+    assert (big.data.pack, big.data.timestamp_probability) == (small.data.pack, small.data.timestamp_probability)
+
+
+def test_the_large_recipes_pack_as_packing_was_measured():
+    """bench/packing.py's packed arm: 30 s windows (the model's), timestamps on half of them, no single-clip share."""
+    for name in ("large_fr.yaml", "large_fr_80gb.yaml", "large_multi.yaml"):
+        data = load_recipe(REPO / "recipes" / name).data
+        assert data.pack.enabled and data.pack.max_seconds is None and data.pack.single_probability == 0, name
+        assert data.timestamp_probability == 0.5 and data.prompt_probability == 0, name
 
 
 def test_the_multilingual_recipe_mixes_fr_de_es_it_equally_with_large_frs_settings():

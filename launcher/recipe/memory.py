@@ -34,7 +34,7 @@ def trainable_parameters(config: dict, freeze_encoder: bool) -> tuple[int, int]:
 
 
 def memory_estimate(recipe: Recipe, config_dict: dict, world_size: int, *, on_gpu: bool = True,
-                    label_tokens: int = 224) -> dict[str, float]:
+                    label_tokens: int | None = None) -> dict[str, float]:
     """GiB per rank, to choose ZeRO stage, offload, checkpointing and batch before queueing a job: one GPU's
     memory (`on_gpu`, what torch.cuda.max_memory_allocated reports), or a CPU rank's peak RSS.
 
@@ -68,8 +68,8 @@ def memory_estimate(recipe: Recipe, config_dict: dict, world_size: int, *, on_gp
       max_memory_allocated leaves out).
 
     total = baseline + weights + optimizer + max(gradients + activations, step). Batches are padded to their
-    longest label, so `label_tokens` is the longest batch a run meets: 224 (half the decoder's 448 positions) by
-    default, above Common Voice's sentences.
+    longest label, so `label_tokens` is the longest batch a run meets: by default 224 (half the decoder's 448
+    positions), above Common Voice's sentences, and 448 with packing (a window's labels close before 448 tokens).
 
     Measured (bench/memory.py, bench/results/memory.json: batch 8, fp32, ZeRO-2, one CPU rank, 32-token labels):
     the live bytes (malloc in use) peak within ~2% of this sum for whisper-base (4.62 GiB measured, full
@@ -103,6 +103,8 @@ def memory_estimate(recipe: Recipe, config_dict: dict, world_size: int, *, on_gp
     step = max(held + flat_copy, flat_copy + adam_temps)
     offloaded = (16 * part if d.offload_optimizer else 0) + (wb * n_params / w if d.offload_params else 0)
 
+    if label_tokens is None:
+        label_tokens = 448 if recipe.data.pack.enabled else 224
     S, T, h, V = config.max_source_positions, label_tokens, config.d_model, config.vocab_size
     fe, fd = config.encoder_ffn_dim / h, config.decoder_ffn_dim / h
     mask_enc = (2 * S * h if config.dropout else 0) + (S * h * fe if config.activation_dropout else 0)
