@@ -18,13 +18,14 @@ to `--node-workers` workers (default: one per core here) at the per-worker rate 
 The bundled corpus is sharded with the n_mels of that run's model (80 or 128) unless `--n-mels` says otherwise.
 Note: the bundled shards sit in the page cache; shards read from a cold disk or a network filesystem are slower.
 
-Remote rows (`--remote`, on by default): the same shards uploaded to an S3-API server on loopback (moto's, as the tests
-use, in a process of its own) and read from `s3://` with `--remote-workers` loader workers (default 1: on 2 cores the
-server needs the other one, as a bucket's server is elsewhere), the local folder measured again beside them, with
-and without 50 ms added to every request (`--latency-ms`); with shards fetched ahead (`data.prefetch_shards`, 2) the
-remote rate should stay within 0.9 of the local one. The bundled corpus's shards are a few kB, so its remote rows
-measure round trips per clip; the committed figures come from real-sized shards (64 MB, the packing benchmark's
-German set, which `bench/packing.py` makes on its first run):
+Remote rows (`--remote`, on by default): the same shards uploaded to S3-API servers on loopback (moto's, as the tests
+use, each in a process of its own), one answering at once and one 50 ms late to every request (`--latency-ms`), and
+read from `s3://` with `--remote-workers` loader workers (default 1: on 2 cores the servers need the other one, as a
+bucket's server is elsewhere), the local folder measured again beside them, in `--rounds` rounds (5) that take the
+three in turn (a shared machine's slow spells fall on all three): the median round of each; with shards streamed and
+fetched ahead (`data.prefetch_shards`, 2) the remote rate should stay within 0.9 of the local one. The bundled
+corpus's shards are a few kB, so its remote rows measure round trips per clip; the committed figures come from
+real-sized shards (64 MB, the packing benchmark's German set, which `bench/packing.py` makes on its first run):
 
     python bench/loader_throughput.py --shards bench/.cache/cv-de-3300-shards --seconds 8
 
@@ -95,8 +96,13 @@ def measure(stream, workers: int, seconds: float, pin: bool) -> dict:
 
 
 def remote(args, shards: Path, labels, workers: int, pin: bool) -> list[dict]:
-    """The local folder, then the same shards from a loopback S3 server, without and with added latency, each read
-    the same way (`workers` loader workers, sha256 checked, `--prefetch` shards fetched ahead)."""
+    """The local folder and the same shards from two loopback S3 servers (without and with added latency), read the
+    same way (`workers` loader workers, sha256 checked, `--prefetch` shards fetched ahead), in `--rounds` rounds
+    that take the three in turn, so a slower spell of a shared machine falls on all of them: per source the median
+    round, and its ratio to the local folder's median."""
+    import statistics
+    from contextlib import ExitStack
+
     from launcher.data.mixing import train_shards
     from launcher.data.stream import ShardStream, StreamSettings
     from launcher.shards.format import load_index
@@ -105,24 +111,37 @@ def remote(args, shards: Path, labels, workers: int, pin: bool) -> list[dict]:
 
     settings = StreamSettings(seed=0, batch_size=args.batch, shuffle_buffer=args.shuffle_buffer, verify=True,
                               prefetch=args.prefetch)
-    rows = []
 
-    def row(source: str, where) -> dict:
-        stream = ShardStream(train_shards(load_index(where), args.split), labels, settings, rank=0, world_size=1)
-        return {"source": source, **measure(stream, workers, args.seconds, pin)}
-
-    local = row("local folder", shards)
-    rows.append(local)
-    for latency in (0.0, args.latency_ms):
-        with s3_server(latency_s=latency / 1000) as env, environ(env):
+    def measure_at(where, env: dict) -> dict:
+        with environ(env):
             import s3fs
 
             s3fs.S3FileSystem.clear_instance_cache()
-            s3fs.S3FileSystem().mkdir("bench")
-            complete_remote_set(shards, "s3://bench/set")
-            r = row(f"s3:// (+{latency:g} ms a request)", "s3://bench/set")
-            r["over_local"] = r["samples_per_s"] / local["samples_per_s"]
-            rows.append(r)
+            stream = ShardStream(train_shards(load_index(where), args.split), labels, settings, rank=0, world_size=1)
+            return measure(stream, workers, args.seconds, pin)
+
+    with ExitStack() as stack:
+        sources = {"local folder": (shards, {})}
+        for latency in (0.0, args.latency_ms):
+            env = stack.enter_context(s3_server(latency_s=latency / 1000))
+            with environ(env):
+                import s3fs
+
+                s3fs.S3FileSystem.clear_instance_cache()
+                s3fs.S3FileSystem().mkdir("bench")
+                complete_remote_set(shards, "s3://bench/set")
+            sources[f"s3:// (+{latency:g} ms a request)"] = ("s3://bench/set", env)
+        rounds: dict[str, list[dict]] = {name: [] for name in sources}
+        for _ in range(args.rounds):
+            for name, (where, env) in sources.items():
+                rounds[name].append(measure_at(where, env))
+    rows = []
+    for name, runs in rounds.items():
+        rates = [r["samples_per_s"] for r in runs]
+        middle = sorted(runs, key=lambda r: r["samples_per_s"])[len(runs) // 2]
+        rows.append({"source": name, **middle, "samples_per_s": statistics.median(rates), "rounds": rates})
+    for row in rows[1:]:
+        row["over_local"] = row["samples_per_s"] / rows[0]["samples_per_s"]
     return rows
 
 
@@ -145,6 +164,7 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=50.0, help="added to every S3 request in the second row")
     ap.add_argument("--prefetch", type=int, default=2, help="remote shards fetched ahead per worker")
     ap.add_argument("--remote-workers", type=int, default=1, help="loader workers for the remote rows")
+    ap.add_argument("--rounds", type=int, default=5, help="remote rows: rounds of (local, s3, s3 + latency)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loader_throughput.json")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -214,7 +234,8 @@ def main() -> None:
           f"{widest['workers']}) = {projected:.0f} samples/s = {projected / gpu_rate:.1f}x one GPU (target >= 10x); "
           f"{gpu_rate / best:.3g} workers keep up with it, {10 * gpu_rate / best:.3g} give 10x")
     for r in remote_rows:
-        print(f"{r['source']:>28}: {r['samples_per_s']:.1f} samples/s with {r['workers']} workers"
+        print(f"{r['source']:>28}: {r['samples_per_s']:.1f} samples/s with {r['workers']} workers (median of "
+              f"{', '.join(f'{x:.0f}' for x in r['rounds'])})"
               + (f", {r['over_local']:.2f} of the local folder's" if "over_local" in r else ""))
     print(f"saved {args.out}")
 

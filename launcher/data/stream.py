@@ -149,9 +149,11 @@ class ShardStream(IterableDataset):
         positions = worker_positions(self.plan, self.total, epoch, self.world_size, self.rank, workers, worker)
         return self.mix.reads(epoch, positions)
 
-    def _read(self, reads: list[Read], worker: int, counts: dict) -> Iterator[StoredSample]:
-        """One set's samples of `reads` in order; bad data is counted into `counts`."""
-        self.fetcher().ahead([r.shard for r in reads])
+    def _read(self, lane: int, reads: list[Read], then: list[Read], worker: int, counts: dict
+              ) -> Iterator[StoredSample]:
+        """Set `lane`'s samples of `reads` in order (`then`: its reads of the next epoch, fetched ahead as well); bad
+        data is counted into `counts`."""
+        self.fetcher().ahead([r.shard for r in reads + then], lane)
         for r in reads:
             try:
                 if self.settings.verify or r.shard.remote:
@@ -175,7 +177,9 @@ class ShardStream(IterableDataset):
         """This worker's samples of one epoch, in the epoch's order (the sets read side by side), in blocks of
         `shuffle_buffer`; bad data is counted into `counts`."""
         block: list = []
-        per_set = [self._read(reads, worker, counts) for reads in self.epoch_items(epoch, worker, workers)]
+        following = self.epoch_items(epoch + 1, worker, workers)  # so a remote set's next epoch is prefetched too
+        per_set = [self._read(lane, reads, then, worker, counts) for lane, (reads, then) in
+                   enumerate(zip(self.epoch_items(epoch, worker, workers), following, strict=True))]
         for sample in heapq.merge(*per_set, key=lambda x: x.position):
             block.append(sample)
             if len(block) == self.buffer:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import atexit
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from launcher.errors import LauncherError
 from launcher.shards.fetch import ShardFetcher
@@ -29,7 +32,9 @@ def _fetcher() -> ShardFetcher:
     lives, since a run evaluates the same split again and again."""
     global _FETCHER
     if _FETCHER is None:
-        _FETCHER = ShardFetcher(prefetch=0)
+        folder = Path(tempfile.mkdtemp(prefix="launcher-eval-shards-"))
+        _FETCHER = ShardFetcher(folder, prefetch=0)  # a cache, unbounded: the split's copies stay found
+        atexit.register(shutil.rmtree, folder, True)
         atexit.register(_FETCHER.close)
     return _FETCHER
 

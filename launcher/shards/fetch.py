@@ -14,8 +14,8 @@
 - The next shards of the worker's part of the epoch are fetched in the background (`ahead`), `prefetch` at a time
   beside the one being read, so reading rarely waits on the network.
 - With a cache folder and a size bound (`data.remote_cache` / `data.remote_cache_gb`), copies are kept for later
-  epochs and ranks on the node, the least recently used evicted past the bound; without one, each copy is deleted
-  once read.
+  epochs and ranks on the node, the least recently used evicted past the bound; without one, each download has a
+  file of its own, deleted once read.
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ class _Mismatch(Exception):
 
 
 class _Download:
-    """One shard's bytes arriving in a local file (`part`, renamed to `target` when whole): `ready` bytes of it are
-    checked and may be read; `error` is why the rest never will be."""
+    """One shard's bytes arriving in a local file of its own (`part`; with a cache, renamed to the content-addressed
+    `target` when whole): `ready` bytes of it are checked and may be read; `error` is why the rest never will be."""
 
-    def __init__(self, shard: Shard, target: Path):
+    def __init__(self, shard: Shard, folder: Path, target: Path | None):
         self.shard, self.target = shard, target
-        self.part = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.{id(self)}.part")
+        self.part = folder / f"{shard.name}.{os.getpid()}.{threading.get_ident()}.{id(self)}.part"
         self.part.touch()  # readers open it at once, before the download thread starts
         self.size = shard.bytes
         self.ready = 0  # bytes checked: a reader may read them
@@ -78,7 +78,8 @@ class _Download:
         hears of it), or failed with `error`."""
         with self.cond:
             if error is None and not self.cancelled:
-                os.replace(self.part, self.target)
+                if self.target is not None:
+                    os.replace(self.part, self.target)
                 self.size = self.ready
                 if then is not None:
                     then()
@@ -95,11 +96,15 @@ class _Download:
             if self.ready < upto and self.error is not None:
                 raise BadShard(str(self.error), self.error.skipped)
 
-    def cancel(self) -> bool:
-        """The reader is done: stop downloading. True if the shard was already whole (then at `target`)."""
+    @property
+    def path(self) -> Path:
+        """Where the bytes are: the part file, or once whole and kept, the cache's copy."""
+        return self.target if self.target is not None and self.finished and self.error is None else self.part
+
+    def cancel(self) -> None:
+        """The reader is done: stop downloading (the thread deletes the part file)."""
         with self.cond:
             self.cancelled = True
-            return self.finished and self.error is None
 
 
 class _ArrivingFile(io.RawIOBase):
@@ -110,9 +115,9 @@ class _ArrivingFile(io.RawIOBase):
         self.download, self.pos = download, 0
         try:
             self._file = open(download.part, "rb")  # noqa: SIM115 - closed with this object
-        except FileNotFoundError:  # renamed into place meanwhile
+        except FileNotFoundError:  # renamed into the cache meanwhile
             self._file = open(download.target, "rb")  # noqa: SIM115
-        self.name = str(download.target)
+        self.name = str(download.target or download.part)
 
     def readable(self) -> bool:
         return True
@@ -160,35 +165,44 @@ class ShardFetcher:
         self.verify = verify
         self._scratch: Path | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._jobs: dict[str, _Download] = {}
-        self._queue: list[Shard] = []
+        self._jobs: dict[str, _Download] = {}  # fetched ahead, not opened yet
+        self._latest: dict[str, _Download] = {}  # each URL's last download: one under way is not started again
+        self._queues: dict[int, list[Shard]] = {}
         self._lock = threading.Lock()
 
     # ---- where copies go ---------------------------------------------------------------------------------------
 
-    def _target(self, shard: Shard) -> Path:
-        """Content-addressed (by the index's sha256, else the URL): a copy of that name is that shard, whichever set
-        or epoch asks for it."""
+    def _folder(self) -> Path:
+        """The cache, or (without one) a scratch folder where each download has a file of its own, deleted once
+        read: two downloads of one shard (the end of an epoch and the start of the next) never share a file."""
         if self.cache is None and self._scratch is None:
             self._scratch = Path(tempfile.mkdtemp(prefix="launcher-shards-"))
-        key = shard.sha256 or hashlib.sha256(shard.url.encode()).hexdigest()
         folder = self.cache or self._scratch
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{key[:40]}.tar"
+        return folder
+
+    def _target(self, shard: Shard) -> Path | None:
+        """A cached copy's name, content-addressed (by the index's sha256, else the URL): a copy of that name is that
+        shard, whichever set or epoch asks for it. None without a cache."""
+        if self.cache is None:
+            return None
+        key = shard.sha256 or hashlib.sha256(shard.url.encode()).hexdigest()
+        return self._folder() / f"{key[:40]}.tar"
 
     def _cached(self, shard: Shard) -> Path | None:
         target = self._target(shard)
-        if target.is_file() and target.stat().st_size == shard.bytes:
+        if target is not None and target.is_file() and target.stat().st_size == shard.bytes:
             os.utime(target)  # recently used: evicted last
             return target
         return None
 
     # ---- the public part ---------------------------------------------------------------------------------------
 
-    def ahead(self, shards: list[Shard]) -> None:
-        """The remote shards this reader will want, in order: the first `prefetch` start downloading now."""
+    def ahead(self, shards: list[Shard], lane: int = 0) -> None:
+        """The remote shards this reader will want from one of the sets it reads side by side (`lane`), in order: the
+        first `prefetch` of each lane start downloading now."""
         with self._lock:
-            self._queue = [s for s in shards if s.remote]
+            self._queues[lane] = [s for s in shards if s.remote]
         self._schedule()
 
     def open(self, shard: Shard) -> BinaryIO:
@@ -197,8 +211,10 @@ class ShardFetcher:
         if not shard.remote:
             return open(shard.path, "rb")  # noqa: SIM115 - the caller releases it
         with self._lock:
-            if shard in self._queue:
-                self._queue = self._queue[self._queue.index(shard) + 1:]
+            for lane, queue in self._queues.items():
+                if shard in queue:
+                    self._queues[lane] = queue[queue.index(shard) + 1:]
+                    break
             download = self._jobs.pop(shard.url, None)
         if download is None:
             if (cached := self._cached(shard)) is not None:
@@ -209,14 +225,13 @@ class ShardFetcher:
         return _ArrivingFile(download)
 
     def release(self, shard: Shard, file: BinaryIO) -> None:
-        """Done with a shard: closed, its download stopped unless a cache keeps it, and without a cache the copy is
-        deleted."""
+        """Done with a shard: closed; without a cache its download is stopped and its copy deleted (a cache keeps
+        it, and lets the download finish)."""
         file.close()
-        if not shard.remote or self.cache is not None:
-            return
         download = getattr(file, "download", None)
-        if download is None or download.cancel():
-            Path(file.name).unlink(missing_ok=True)
+        if download is not None and self.cache is None:
+            download.cancel()
+            download.part.unlink(missing_ok=True)
 
     def local(self, shard: Shard) -> Path:
         """The whole shard as a local file (checked against index.json): for readers that keep paths to its bytes."""
@@ -226,9 +241,10 @@ class ShardFetcher:
         try:
             if isinstance(file, _ArrivingFile):
                 file.download.wait(sys.maxsize)
+                return file.download.path
+            return Path(file.name)
         finally:
             file.close()
-        return Path(file.name)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -244,7 +260,9 @@ class ShardFetcher:
         with self._lock:
             if self._pool is None:  # the shard being read, and `prefetch` more
                 self._pool = ThreadPoolExecutor(self.prefetch + 1, thread_name_prefix="shard-fetch")
-        download = _Download(shard, self._target(shard))
+        download = _Download(shard, self._folder(), self._target(shard))
+        with self._lock:
+            self._latest[shard.url] = download
         self._pool.submit(self._run, download)
         return download
 
@@ -252,8 +270,9 @@ class ShardFetcher:
         if not self.prefetch:
             return
         with self._lock:
-            wanted = [s for s in self._queue[: self.prefetch] if s.url not in self._jobs]
-        for shard in wanted:
+            wanted = [s for queue in self._queues.values() for s in queue[: self.prefetch]
+                      if s.url not in self._jobs and (s.url not in self._latest or self._latest[s.url].finished)]
+        for shard in dict.fromkeys(wanted):
             if self._cached(shard) is None:
                 download = self._start(shard)
                 with self._lock:
@@ -271,7 +290,7 @@ class ShardFetcher:
         except BaseException as e:  # noqa: BLE001 - never leave a reader waiting
             download.finish(BadShard(f"shard {download.shard.url}: {type(e).__name__}: {e}", download.shard.samples))
             raise
-        download.finish(then=lambda: self._evict(keep=download.target))
+        download.finish(then=lambda: self._evict(keep=download.target))  # nothing to evict without a cache
 
     def _download(self, d: _Download) -> None:
         """The shard's bytes into the download's file, `ready` moved on as they are checked; transient failures are
