@@ -62,7 +62,7 @@ class _Download:
         self.size = shard.bytes
         self.ready = 0  # bytes checked: a reader may read them
         self.written, self.hasher = 0, hashlib.sha256()  # the download thread's: bytes in the file, the unchecked hash
-        self.finished = self.cancelled = False
+        self.finished = self.cancelled = self.released = False
         self.error: BadShard | None = None
         self.cond = threading.Condition()
 
@@ -75,16 +75,17 @@ class _Download:
 
     def finish(self, error: BadShard | None = None, then: Callable[[], None] | None = None) -> None:
         """Whole and checked (renamed into place, unless cancelled meanwhile, and `then` called before a reader
-        hears of it), or failed with `error`."""
+        hears of it), or failed with `error`: the file stays for its reader, whose checked part is still good
+        (whenever the reader opens it, it reads the same samples), and goes when the reader releases it."""
         with self.cond:
-            if error is None and not self.cancelled:
+            if self.cancelled or (error is not None and self.released):
+                self.part.unlink(missing_ok=True)
+            elif error is None:
                 if self.target is not None:
                     os.replace(self.part, self.target)
                 self.size = self.ready
                 if then is not None:
                     then()
-            else:
-                self.part.unlink(missing_ok=True)
             self.finished, self.error = True, error
             self.cond.notify_all()
 
@@ -116,6 +117,9 @@ class _ArrivingFile(io.RawIOBase):
         try:
             self._file = open(download.part, "rb")  # noqa: SIM115 - closed with this object
         except FileNotFoundError:  # renamed into the cache meanwhile
+            if download.target is None:
+                raise BadShard(f"shard {download.shard.url}: its download's file is gone", download.shard.samples
+                               ) from None
             self._file = open(download.target, "rb")  # noqa: SIM115
         self.name = str(download.target or download.part)
 
@@ -226,10 +230,15 @@ class ShardFetcher:
 
     def release(self, shard: Shard, file: BinaryIO) -> None:
         """Done with a shard: closed; without a cache its download is stopped and its copy deleted (a cache keeps
-        it, and lets the download finish)."""
+        it, and lets the download finish; a failed one's file goes)."""
         file.close()
         download = getattr(file, "download", None)
-        if download is not None and self.cache is None:
+        if download is None:
+            return
+        with download.cond:
+            download.released = True
+            failed = download.error is not None
+        if self.cache is None or failed:
             download.cancel()
             download.part.unlink(missing_ok=True)
 
