@@ -239,6 +239,8 @@ def test_the_cache_keeps_shards_for_later_epochs_within_its_bound(demo_shards, t
         assert sum(p.stat().st_size for p in (tmp_path / "small").glob("*.tar")) <= small.cache_bytes
         with pytest.raises(BadShard, match="no such file"):
             ShardFetcher(prefetch=0).local(type(remote[0])(f"{url}/train/absent.tar", 1, bytes=10))
+    with pytest.raises(BadShard, match=r"absent.tar cannot be opened: FileNotFoundError"):  # a folder's, unverified
+        ShardFetcher().open(type(shards[0])(tmp_path / "absent.tar", 1))
 
 
 def test_shard_out_s3_uploads_index_last_and_a_killed_upload_is_not_a_set(s3, tiny_model, tmp_path):

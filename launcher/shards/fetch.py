@@ -213,7 +213,11 @@ class ShardFetcher:
         """The shard's bytes to read, in order or not: a local file, a cached copy, or a copy still arriving (a read
         waits for its bytes, checked; BadShard where they never come or are not the shard's). `release` it."""
         if not shard.remote:
-            return open(shard.path, "rb")  # noqa: SIM115 - the caller releases it
+            try:
+                return open(shard.path, "rb")  # noqa: SIM115 - the caller releases it
+            except OSError as e:
+                raise BadShard(f"shard {shard.path} cannot be opened: {type(e).__name__}: {e.strerror}",
+                               shard.samples) from None
         with self._lock:
             for lane, queue in self._queues.items():
                 if shard in queue:
