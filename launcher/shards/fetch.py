@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from launcher.shards.format import Shard
+from launcher.shards.format import Pieces, Shard
 from launcher.shards.location import explain, filesystem
 from launcher.shards.reader import BadShard
 
@@ -114,12 +114,9 @@ class _ArrivingFile(io.RawIOBase):
     def __init__(self, download: _Download):
         super().__init__()
         self.download, self.pos = download, 0
-        try:
+        try:  # the part file stays until its reader releases it, unless a cache took it whole meanwhile
             self._file = open(download.part, "rb")  # noqa: SIM115 - closed with this object
-        except FileNotFoundError:  # renamed into the cache meanwhile
-            if download.target is None:
-                raise BadShard(f"shard {download.shard.url}: its download's file is gone", download.shard.samples
-                               ) from None
+        except FileNotFoundError:
             self._file = open(download.target, "rb")  # noqa: SIM115
         self.name = str(download.target or download.part)
 
@@ -312,8 +309,8 @@ class ShardFetcher:
         fs = filesystem(shard.url)
         pieces = shard.pieces if self.verify else None
         whole = bool(self.verify and shard.sha256 and pieces is None)  # an old set's shard: checked whole, then read
+        unchecked = pieces is None and not whole  # published as it is written
         attempt, refetched = 0, set()
-        d.written, d.hasher = 0, hashlib.sha256()  # bytes in the file; the hash of the part not yet checked
         with open(d.part, "r+b", buffering=0) as out:
             while True:
                 try:
@@ -325,7 +322,7 @@ class ShardFetcher:
                         while block := f.read(self.chunk):
                             if d.cancelled:
                                 raise _Cancelled
-                            self._take(d, memoryview(block), out, refetched, publish=not whole)
+                            self._take(d, memoryview(block), out, pieces, refetched, unchecked)
                     if shard.bytes is not None and d.written < shard.bytes:
                         raise ConnectionError(f"the transfer ended at byte {d.written} of {shard.bytes}")
                     if whole and d.hasher.hexdigest() != shard.sha256:
@@ -349,10 +346,11 @@ class ShardFetcher:
                           f"({attempt}/{self.retries})", file=sys.stderr, flush=True)
                     time.sleep(wait)  # then on from `written`: the bytes before it are in the file and the hash
 
-    def _take(self, d: _Download, view: memoryview, out, refetched: set[int], publish: bool) -> None:
-        """Write and hash `view`, the bytes after `d.written`; with pieces, each one that matches is published
-        (without, everything at once when `publish`: a shard not checked, or checked whole at the end)."""
-        shard, pieces = d.shard, d.shard.pieces if self.verify else None
+    def _take(self, d: _Download, view: memoryview, out, pieces: Pieces | None, refetched: set[int],
+              unchecked: bool) -> None:
+        """Write and hash `view`, the bytes after `d.written`: with `pieces`, each one that matches is published; an
+        `unchecked` shard's bytes are published as written (a shard checked whole is published at its end)."""
+        shard = d.shard
         if shard.bytes is not None and d.written + len(view) > shard.bytes:
             raise BadShard(f"shard {shard.url} has more bytes than index.json's {shard.bytes}", shard.samples)
         while view:
@@ -368,7 +366,7 @@ class ShardFetcher:
                     raise _Mismatch
                 d.hasher = hashlib.sha256()
                 d.publish(d.written)
-        if publish and not pieces:
+        if unchecked:
             d.publish(d.written)
 
     @staticmethod
