@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,9 +136,11 @@ def end_of_samples(path: Path, n: int) -> int:
         return max(m.offset_data + m.size for m in tar.getmembers() if m.name.split(".")[0] in keys)
 
 
-def test_a_remote_shard_is_read_as_its_bytes_arrive_each_piece_checked_first(demo_shards, tmp_path):
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "transfer-process"])
+def test_a_remote_shard_is_read_as_its_bytes_arrive_each_piece_checked_first(demo_shards, tmp_path, process):
     """The server holds back the rest of a shard after its first two samples: they are read meanwhile, checked (a
-    piece corrupted in flight is fetched again first); then the whole shard reads as the folder's."""
+    piece corrupted in flight is fetched again first); then the whole shard reads as the folder's. Transfers run in
+    a thread (evaluation, verify) or in a process of their own (the training loader)."""
     pytest.importorskip("aiohttp")
     piece = 4096
     folder = small_pieces(demo_shards["shards"], tmp_path / "set", piece)
@@ -149,7 +152,7 @@ def test_a_remote_shard_is_read_as_its_bytes_arrive_each_piece_checked_first(dem
     faults = Faults(hold_from={rel: hold}, corrupt={rel: piece + 10}, corrupt_times=1)
     with http_server(folder, faults) as (url, served):
         remote = load_index(url).shards("train")[0]
-        fetcher = ShardFetcher(prefetch=0, block=piece)
+        fetcher = ShardFetcher(prefetch=0, block=piece, process=process)
         file, early = fetcher.open(remote), []
         for sample in read_samples(file):
             early.append((sample.key, sample.meta, sample.mel))
@@ -164,7 +167,8 @@ def test_a_remote_shard_is_read_as_its_bytes_arrive_each_piece_checked_first(dem
         fetcher.close()
 
 
-def test_a_piece_that_never_matches_loses_the_samples_after_it_and_no_sample_before(demo_shards, tmp_path):
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "transfer-process"])
+def test_a_piece_that_never_matches_loses_the_samples_after_it_and_no_sample_before(demo_shards, tmp_path, process):
     pytest.importorskip("aiohttp")
     piece = 4096
     folder = small_pieces(demo_shards["shards"], tmp_path / "set", piece)
@@ -174,7 +178,7 @@ def test_a_piece_that_never_matches_loses_the_samples_after_it_and_no_sample_bef
     at = (end_of_samples(shard.path, 2) // piece + 1) * piece + 700  # in a piece of the third sample only
     with http_server(folder, Faults(corrupt={rel: at})) as (url, _):
         remote = load_index(url).shards("train")[0]
-        fetcher = ShardFetcher(prefetch=0, block=piece)
+        fetcher = ShardFetcher(prefetch=0, block=piece, process=process)
         file, read = fetcher.open(remote), []
         with pytest.raises(BadShard, match=rf"does not match its sha256 in index.json \(piece {at // piece + 1} of "
                                            r"\d+, fetched twice\)") as error:
@@ -183,6 +187,55 @@ def test_a_piece_that_never_matches_loses_the_samples_after_it_and_no_sample_bef
         fetcher.release(remote, file)
     assert read == expected[:2], "the samples before the bad piece, checked; none after it"
     assert error.value.skipped == len(expected) - len(read)
+
+
+def test_a_killed_transfer_process_is_replaced_once_and_the_shard_goes_on_from_the_byte_reached(demo_shards, tmp_path,
+                                                                                                  capfd):
+    """The training loader's transfers run in a process of their own: killed mid-shard, a new one goes on from the
+    last checked byte and the shard reads whole, as the folder's; killed again on the same shard, the shard is bad
+    from there (named, the samples before it read)."""
+    pytest.importorskip("aiohttp")
+    piece = 4096
+    folder = small_pieces(demo_shards["shards"], tmp_path / "set", piece)
+    shard = load_index(folder).shards("train")[0]
+    rel = Path(shard.path).relative_to(folder).as_posix()
+    expected = [(x.key, x.meta, x.mel) for x in read_samples(shard.path)]
+    hold = (end_of_samples(shard.path, 2) // piece + 2) * piece
+    faults = Faults(hold_from={rel: hold})
+
+    def kill_transfer(fetcher: ShardFetcher, download) -> None:
+        process = fetcher._process
+        process.proc.kill()
+        deadline = time.monotonic() + 60
+        while fetcher._process is process or not (download.restarted or download.finished):
+            assert time.monotonic() < deadline, "the fetcher did not notice its transfer process end"
+            time.sleep(0.02)
+
+    with http_server(folder, faults) as (url, served):
+        remote = load_index(url).shards("train")[0]
+        fetcher = ShardFetcher(prefetch=0, block=piece, process=True)
+        twice = fetcher.open(remote)
+        samples = read_samples(twice)
+        early = [next(samples).key, next(samples).key]
+        kill_transfer(fetcher, twice.download)
+        kill_transfer(fetcher, twice.download)
+        with pytest.raises(BadShard, match=r"its transfer process ended twice \(exit code -9\) at byte \d+"):
+            early.extend(x.key for x in samples)
+        fetcher.release(remote, twice)
+        assert early == [key for key, _, _ in expected[:2]]
+
+        once = fetcher.open(remote)
+        samples = read_samples(once)
+        read = [next(samples), next(samples)]
+        kill_transfer(fetcher, once.download)
+        faults.release.set()
+        read.extend(samples)
+        assert [(x.key, x.meta, x.mel) for x in read] == expected
+        reached = re.findall(r"the transfer process ended \(exit code -9\); fetching again from byte (\d+)",
+                             capfd.readouterr().err)
+        assert len(reached) == 2 and end_of_samples(shard.path, 2) <= int(reached[1]) <= hold, reached
+        fetcher.release(remote, once)
+        fetcher.close()
 
 
 def test_a_set_without_pieces_is_checked_whole_before_it_is_read_and_bad_pieces_are_named(demo_shards, tmp_path):

@@ -128,7 +128,7 @@ class ShardStream(IterableDataset):
         if self._fetcher is None or self._fetcher_pid != os.getpid():
             s = self.settings
             self._fetcher = ShardFetcher(Path(s.remote_cache) if s.remote_cache else None, s.remote_cache_bytes,
-                                         prefetch=s.prefetch, verify=s.verify)
+                                         prefetch=s.prefetch, verify=s.verify, process=True)
             self._fetcher_pid = os.getpid()
         return self._fetcher
 

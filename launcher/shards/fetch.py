@@ -1,16 +1,11 @@
 """Bringing a remote set's shards to this node (`ShardFetcher`): the loader's guarantees kept over a network.
 
-- A shard is streamed: its bytes arrive in a local file, in a background thread, and the reader reads them as they
-  arrive (`open`), through the same tar reader as a folder's shard, so a run from a URL sees the same samples in the
-  same order as from the folder: same losses, bitwise, and the same exact resume.
-- Bytes are checked before the reader sees them: a piece at a time against index.json's piece hashes
-  (`format.Pieces`), or, for a set written before pieces existed, the whole shard against its sha256 before any of
-  it is read. A piece that does not match is fetched again once (bytes corrupted in flight are not the shard's);
-  if it still does not match, the shard is bad from there on (`BadShard`, named and counted as a local bad shard
-  is, or the run stops with `data.on_bad_data: stop`): samples before it were checked, none after it is used.
-- Transient failures (a connection reset or dropped mid-shard, a timeout, 5xx, throttling) are retried with
-  exponential backoff, continuing at the byte reached (a range request); nothing above this layer sees them, so no
-  sample is repeated or lost.
+- A shard is streamed: its bytes arrive in a local file (`transfer.fetch`: checked by piece, retried, run in a
+  transfer process of the fetcher's own for the training loader, else in a thread), and the reader reads them as they
+  arrive and are checked (`open`), through the same tar reader as a folder's shard, so a run from a URL sees the
+  same samples in the same order as from the folder: same losses, bitwise, and the same exact resume. Where the rest
+  of a shard never comes or is not the shard's, the reader gets a `BadShard` (named and counted as a local bad shard
+  is, or the run stops with `data.on_bad_data: stop`): the samples before it were checked, none after it is used.
 - The next shards of the worker's part of the epoch are fetched in the background (`ahead`), `prefetch` at a time
   beside the one being read, so reading rarely waits on the network.
 - With a cache folder and a size bound (`data.remote_cache` / `data.remote_cache_gb`), copies are kept for later
@@ -22,33 +17,23 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import shutil
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from launcher.shards.format import Pieces, Shard
+from launcher.shards import transfer
+from launcher.shards.format import Shard
 from launcher.shards.location import explain, filesystem
 from launcher.shards.reader import BadShard
 
-CHUNK = 1 << 20  # written, hashed and handed on a chunk at a time
-BLOCK = 16 << 20  # asked for a block at a time: a request per 16 MiB, not per chunk, where each costs a round trip;
-# a block's bytes reach the reader once the block is in (the filesystems' range reads return whole blocks)
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError)
-
-
-class _Cancelled(Exception):
-    pass
-
-
-class _Mismatch(Exception):
-    """Bytes that are not the shard's: fetched again from where the unchecked part starts."""
+READ_BUFFER = 1 << 20  # a shard still arriving is read through a buffer this big
 
 
 class _Download:
@@ -58,20 +43,18 @@ class _Download:
     def __init__(self, shard: Shard, folder: Path, target: Path | None):
         self.shard, self.target = shard, target
         self.part = folder / f"{shard.name}.{os.getpid()}.{threading.get_ident()}.{id(self)}.part"
-        self.part.touch()  # readers open it at once, before the download thread starts
+        self.part.touch()  # readers open it at once, before the transfer starts
         self.size = shard.bytes
         self.ready = 0  # bytes checked: a reader may read them
-        self.written, self.hasher = 0, hashlib.sha256()  # the download thread's: bytes in the file, the unchecked hash
-        self.finished = self.cancelled = self.released = False
+        self.finished = self.cancelled = self.released = self.restarted = False
         self.error: BadShard | None = None
         self.cond = threading.Condition()
+        self.stop: Callable[[], None] = lambda: None  # tells the transfer process, where one runs it
 
     def publish(self, ready: int) -> None:
         with self.cond:
             self.ready = ready
             self.cond.notify_all()
-            if self.cancelled:
-                raise _Cancelled
 
     def finish(self, error: BadShard | None = None, then: Callable[[], None] | None = None) -> None:
         """Whole and checked (renamed into place, unless cancelled meanwhile, and `then` called before a reader
@@ -103,9 +86,10 @@ class _Download:
         return self.target if self.target is not None and self.finished and self.error is None else self.part
 
     def cancel(self) -> None:
-        """The reader is done: stop downloading (the thread deletes the part file)."""
+        """The reader is done: stop downloading (the part file goes when the transfer stops)."""
         with self.cond:
             self.cancelled = True
+        self.stop()
 
 
 class _ArrivingFile(io.RawIOBase):
@@ -140,13 +124,16 @@ class _ArrivingFile(io.RawIOBase):
         return self.pos
 
     def readinto(self, buffer) -> int:
-        end = min(self.pos + len(buffer), self._size())
-        if end <= self.pos:
+        """The checked bytes of those asked for, at least one (waiting for it); 0 at the end. Short reads are the
+        buffer's in front (`_Arriving`), which reads on until it has what its reader asked for."""
+        size = self._size()
+        if self.pos >= size:
             return 0
-        self.download.wait(end)
+        self.download.wait(self.pos + 1)
+        end = min(self.pos + len(buffer), size, self.download.ready)
         self._file.seek(self.pos)
         view, got = memoryview(buffer)[: end - self.pos], 0
-        while got < len(view) and (n := self._file.readinto(view[got:])):  # a full read: tarfile takes short as end
+        while got < len(view) and (n := self._file.readinto(view[got:])):
             got += n
         self.pos += got
         return got
@@ -157,15 +144,36 @@ class _ArrivingFile(io.RawIOBase):
         super().close()
 
 
+class _Arriving(io.BufferedReader):
+    """A shard still arriving, read through a buffer: tarfile's many small reads are served in C, not each by a
+    Python read that takes the download's lock."""
+
+    def __init__(self, download: _Download):
+        super().__init__(_ArrivingFile(download), READ_BUFFER)
+
+    @property
+    def download(self) -> _Download:
+        return self.raw.download
+
+
 class ShardFetcher:
+    """One process's remote shards (a loader worker's, evaluation's): opened as they arrive, fetched ahead, cached.
+    With `process`, the transfers run in a process of the fetcher's own (`transfer.TransferProcess`), which keeps
+    their work off this process's interpreter lock; it is started on the first remote shard and, if it dies, started
+    again for what it was fetching (once per shard, from the last checked byte)."""
+
     def __init__(self, cache: Path | None = None, cache_bytes: int = 0, *, prefetch: int = 2, retries: int = 6,
-                 backoff: float = 0.5, verify: bool = True, block: int = BLOCK):
+                 backoff: float = 0.5, verify: bool = True, block: int = transfer.BLOCK, process: bool = False):
         self.cache = Path(cache) if cache else None
-        self.block, self.chunk = block, min(CHUNK, block)  # bytes a request asks for; bytes handed on at a time
-        self.cache_bytes, self.prefetch, self.retries, self.backoff = cache_bytes, max(prefetch, 0), retries, backoff
-        self.verify = verify
+        self.cache_bytes, self.prefetch = cache_bytes, max(prefetch, 0)
+        self.settings = transfer.Settings(verify, block, retries, backoff)
+        self.process = process  # transfers in a process of their own, else in threads of this one
         self._scratch: Path | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._process: transfer.TransferProcess | None = None
+        self._running: dict[int, tuple[_Download, transfer.TransferProcess]] = {}  # by key, in a transfer process
+        self._keys = itertools.count()
+        self._closed = False
         self._jobs: dict[str, _Download] = {}  # fetched ahead, not opened yet
         self._latest: dict[str, _Download] = {}  # each URL's last download: one under way is not started again
         self._queues: dict[int, list[Shard]] = {}
@@ -227,7 +235,7 @@ class ShardFetcher:
                 return open(cached, "rb")  # noqa: SIM115
             download = self._start(shard)
         self._schedule()
-        return _ArrivingFile(download)
+        return _Arriving(download)
 
     def release(self, shard: Shard, file: BinaryIO) -> None:
         """Done with a shard: closed; without a cache its download is stopped and its copy deleted (a cache keeps
@@ -249,7 +257,7 @@ class ShardFetcher:
             return shard.path
         file = self.open(shard)
         try:
-            if isinstance(file, _ArrivingFile):
+            if isinstance(file, _Arriving):
                 file.download.wait(sys.maxsize)
                 return file.download.path
             return Path(file.name)
@@ -261,20 +269,37 @@ class ShardFetcher:
             self._pool.shutdown(wait=False, cancel_futures=True)
         for download in self._jobs.values():
             download.cancel()
+        self._closed = True
+        if self._process is not None:  # it leaves its transfers as they are: their files go here
+            self._process.close()
+            for download, _ in self._running.values():
+                download.part.unlink(missing_ok=True)
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
     # ---- the work ----------------------------------------------------------------------------------------------
 
     def _start(self, shard: Shard) -> _Download:
-        with self._lock:
-            if self._pool is None:  # the shard being read, and `prefetch` more
-                self._pool = ThreadPoolExecutor(self.prefetch + 1, thread_name_prefix="shard-fetch")
         download = _Download(shard, self._folder(), self._target(shard))
         with self._lock:
             self._latest[shard.url] = download
-        self._pool.submit(self._run, download)
+            if not self.process:
+                if self._pool is None:  # the shard being read, and `prefetch` more
+                    self._pool = ThreadPoolExecutor(self.prefetch + 1, thread_name_prefix="shard-fetch")
+                self._pool.submit(self._run, download)
+                return download
+        self._launch(download)
         return download
+
+    def _launch(self, download: _Download) -> None:
+        """The download in the transfer process (a new one where the last has ended), from the byte reached."""
+        with self._lock:
+            if self._process is None:
+                self._process = transfer.TransferProcess(self.prefetch + 1, self._answer)
+            key, process = next(self._keys), self._process
+            self._running[key] = (download, process)  # before it starts: if the process ends, it is known to be lost
+        download.stop = lambda: process.stop(key)
+        process.start(key, download.shard, download.part, download.ready, self.settings)
 
     def _schedule(self) -> None:
         if not self.prefetch:
@@ -289,94 +314,38 @@ class ShardFetcher:
                     self._jobs[shard.url] = download
 
     def _run(self, download: _Download) -> None:
-        try:
-            self._download(download)
-        except _Cancelled:
-            download.finish(BadShard(f"shard {download.shard.url}: reading stopped", 0))
+        self._done(download, transfer.outcome(download.shard, lambda: transfer.fetch(
+            download.shard, download.part, 0, self.settings, download.publish, lambda: download.cancelled)))
+
+    def _answer(self, message: tuple) -> None:
+        """The transfer process's answers (its listener thread)."""
+        kind, key, *rest = message
+        if kind == "ended":  # killed (out of memory, by hand): what it was fetching starts again in a new one, once
+            with self._lock:
+                lost = [d for d, p in self._running.values() if p is rest[0]]
+                self._running = {k: v for k, v in self._running.items() if v[1] is not rest[0]}
+                if self._process is rest[0]:
+                    self._process = None
+            for download in lost:
+                if download.restarted or download.cancelled or self._closed:
+                    self._done(download, BadShard(f"shard {download.shard.url}: its transfer process ended twice "
+                                                  f"(exit code {key}) at byte {download.ready}",
+                                                  download.shard.samples))
+                    continue
+                print(f"warning: {download.shard.url}: the transfer process ended (exit code {key}); fetching again "
+                      f"from byte {download.ready}", file=sys.stderr, flush=True)
+                download.restarted = True
+                self._launch(download)
             return
-        except BadShard as e:
-            download.finish(e)
-            return
-        except BaseException as e:  # noqa: BLE001 - never leave a reader waiting
-            download.finish(BadShard(f"shard {download.shard.url}: {type(e).__name__}: {e}", download.shard.samples))
-            raise
-        download.finish(then=lambda: self._evict(keep=download.target))  # nothing to evict without a cache
+        with self._lock:
+            download = self._running[key][0] if kind == "ready" else self._running.pop(key)[0]
+        if kind == "ready":
+            download.publish(rest[0])
+        else:
+            self._done(download, None if kind == "done" else BadShard(*rest))
 
-    def _download(self, d: _Download) -> None:
-        """The shard's bytes into the download's file, `ready` moved on as they are checked; transient failures are
-        retried at the byte reached, a piece that does not match is fetched again once."""
-        shard = d.shard
-        fs = filesystem(shard.url)
-        pieces = shard.pieces if self.verify else None
-        whole = bool(self.verify and shard.sha256 and pieces is None)  # an old set's shard: checked whole, then read
-        unchecked = pieces is None and not whole  # published as it is written
-        attempt, refetched = 0, set()
-        with open(d.part, "r+b", buffering=0) as out:
-            while True:
-                try:
-                    with fs.open(shard.url, "rb", block_size=self.block) as f:
-                        if d.written:
-                            f.seek(d.written)
-                        out.seek(d.written)
-                        out.truncate()
-                        while block := f.read(self.chunk):
-                            if d.cancelled:
-                                raise _Cancelled
-                            self._take(d, memoryview(block), out, pieces, refetched, unchecked)
-                    if shard.bytes is not None and d.written < shard.bytes:
-                        raise ConnectionError(f"the transfer ended at byte {d.written} of {shard.bytes}")
-                    if whole and d.hasher.hexdigest() != shard.sha256:
-                        self._mismatch(shard, 0, 1, refetched)
-                        raise _Mismatch
-                    d.publish(d.written)
-                    return
-                except _Mismatch:  # again from the start of what was not checked
-                    d.written, d.hasher = d.ready, hashlib.sha256()
-                except (_Cancelled, BadShard):
-                    raise
-                except PERMANENT as e:
-                    raise BadShard(f"shard {explain(shard.url, e)}", shard.samples) from None
-                except Exception as e:  # noqa: BLE001 - network libraries raise their own kinds: retried, then named
-                    attempt += 1
-                    if attempt > self.retries:
-                        raise BadShard(f"shard {shard.url} unreadable after {self.retries} retries: "
-                                       f"{explain(shard.url, e)}", shard.samples) from None
-                    wait = self.backoff * 2 ** (attempt - 1)
-                    print(f"warning: {shard.url}: {type(e).__name__} at byte {d.written}; retrying in {wait:.1f} s "
-                          f"({attempt}/{self.retries})", file=sys.stderr, flush=True)
-                    time.sleep(wait)  # then on from `written`: the bytes before it are in the file and the hash
-
-    def _take(self, d: _Download, view: memoryview, out, pieces: Pieces | None, refetched: set[int],
-              unchecked: bool) -> None:
-        """Write and hash `view`, the bytes after `d.written`: with `pieces`, each one that matches is published; an
-        `unchecked` shard's bytes are published as written (a shard checked whole is published at its end)."""
-        shard = d.shard
-        if shard.bytes is not None and d.written + len(view) > shard.bytes:
-            raise BadShard(f"shard {shard.url} has more bytes than index.json's {shard.bytes}", shard.samples)
-        while view:
-            end = (d.written // pieces.size + 1) * pieces.size if pieces else d.written + len(view)
-            take, view = view[: end - d.written], view[end - d.written:]
-            out.write(take)
-            d.hasher.update(take)
-            d.written += len(take)
-            if pieces and d.written in (end, shard.bytes):
-                number = (d.written - 1) // pieces.size
-                if d.hasher.hexdigest() != pieces.sha256[number]:
-                    self._mismatch(shard, number, len(pieces.sha256), refetched)
-                    raise _Mismatch
-                d.hasher = hashlib.sha256()
-                d.publish(d.written)
-        if unchecked:
-            d.publish(d.written)
-
-    @staticmethod
-    def _mismatch(shard: Shard, number: int, count: int, refetched: set[int]) -> None:
-        """A piece (or an old set's whole shard) that is not the shard's: fetched again once, then a bad shard."""
-        if number in refetched:
-            where = f"piece {number + 1} of {count}, " if count > 1 else ""
-            raise BadShard(f"shard {shard.url} does not match its sha256 in index.json ({where}fetched twice)",
-                           shard.samples)
-        refetched.add(number)
+    def _done(self, download: _Download, error: BadShard | None) -> None:
+        download.finish(error, then=None if error else lambda: self._evict(keep=download.target))
 
     def _evict(self, keep: Path) -> None:
         """Least recently used copies out, past the cache's size bound (the one just fetched stays)."""
