@@ -21,11 +21,13 @@ Note: the bundled shards sit in the page cache; shards read from a cold disk or 
 Remote rows (`--remote`, on by default): the same shards uploaded to S3-API servers on loopback (moto's, as the tests
 use, each in a process of its own), one answering at once and one 50 ms late to every request (`--latency-ms`), and
 read from `s3://` with `--remote-workers` loader workers (default 1: on 2 cores the servers need the other one, as a
-bucket's server is elsewhere), the local folder measured again beside them, in `--rounds` rounds (5) that take the
+bucket's server is elsewhere), the local folder measured again beside them, in `--rounds` rounds (9) that take the
 three in turn (a shared machine's slow spells fall on all three): the median round of each; with shards streamed and
-fetched ahead (`data.prefetch_shards`, 2) the remote rate should stay within 0.9 of the local one. The bundled
-corpus's shards are a few kB, so its remote rows measure round trips per clip; the committed figures come from
-real-sized shards (64 MB, the packing benchmark's German set, which `bench/packing.py` makes on its first run):
+fetched ahead (`data.prefetch_shards`, 2) the remote rate should stay within 0.9 of the local one. Beside the rate,
+the CPU the loader's processes spend per sample (its worker, and for a URL the worker's transfer process, which
+downloads and checks the bytes): what streaming costs, which a slow spell of the machine does not change. The
+bundled corpus's shards are a few kB, so its remote rows measure round trips per clip; the committed figures come
+from real-sized shards (64 MB, the packing benchmark's German set, which `bench/packing.py` makes on its first run):
 
     python bench/loader_throughput.py --shards bench/.cache/cv-de-3300-shards --seconds 8
 
@@ -73,26 +75,69 @@ def shard_demo(out: Path, n_mels: int) -> Path:
     return out
 
 
+def cpu_seconds(pids: set[int]) -> float:
+    """User + system CPU of these processes so far (those gone are left out)."""
+    import psutil  # DeepSpeed's dependency
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def gone(pids: set[int], timeout: float = 60) -> None:
+    """Until these processes have ended: a loader's workers (and their transfer processes, which end with them)
+    would otherwise go on prefetching through the next measurement, on the same cores."""
+    import gc
+
+    import psutil
+
+    gc.collect()
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+
+
 def measure(stream, workers: int, seconds: float, pin: bool) -> dict:
+    """Batches for `seconds` after the first; the CPU the loader's processes spent meanwhile (its workers and what
+    they started, such as a remote set's transfer processes; this process's own when `workers` is 0)."""
+    import psutil
+
     from launcher.data.loader import train_loader
 
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}  # a benchmark's servers are not the loader's
     loader = train_loader(stream, workers, pin_memory=pin)
     start = time.perf_counter()
     it = iter(loader)
     batch = next(it)
     first = time.perf_counter()
+    pids = {p.pid for p in me.children(recursive=True)} - before if workers else {me.pid}
+    cpu_start = cpu_seconds(pids)
     samples, batches = 0, 0
     while time.perf_counter() - first < seconds:
         batch = next(it)
         samples += len(batch["ids"])
         batches += 1
     elapsed = time.perf_counter() - first
+    cpu = cpu_seconds(pids) - cpu_start
     shape = list(batch["features"].shape)
     del it  # shuts the workers down
+    gone(pids - {me.pid})
     rate = samples / elapsed
     return {"workers": workers, "startup_s": first - start, "batches": batches, "samples": samples,
             "seconds": elapsed, "samples_per_s": rate, "samples_per_s_per_worker": rate / max(workers, 1),
-            "batch_shape": shape}
+            "loader_cpu_ms_per_sample": 1000 * cpu / max(samples, 1), "batch_shape": shape}
 
 
 def remote(args, shards: Path, labels, workers: int, pin: bool) -> list[dict]:
@@ -139,9 +184,12 @@ def remote(args, shards: Path, labels, workers: int, pin: bool) -> list[dict]:
     for name, runs in rounds.items():
         rates = [r["samples_per_s"] for r in runs]
         middle = sorted(runs, key=lambda r: r["samples_per_s"])[len(runs) // 2]
-        rows.append({"source": name, **middle, "samples_per_s": statistics.median(rates), "rounds": rates})
+        cpu = statistics.median(r["loader_cpu_ms_per_sample"] for r in runs)
+        rows.append({"source": name, **middle, "samples_per_s": statistics.median(rates), "rounds": rates,
+                     "loader_cpu_ms_per_sample": cpu})
     for row in rows[1:]:
         row["over_local"] = row["samples_per_s"] / rows[0]["samples_per_s"]
+        row["cpu_over_local"] = row["loader_cpu_ms_per_sample"] / rows[0]["loader_cpu_ms_per_sample"]
     return rows
 
 
@@ -164,7 +212,7 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=50.0, help="added to every S3 request in the second row")
     ap.add_argument("--prefetch", type=int, default=2, help="remote shards fetched ahead per worker")
     ap.add_argument("--remote-workers", type=int, default=1, help="loader workers for the remote rows")
-    ap.add_argument("--rounds", type=int, default=5, help="remote rows: rounds of (local, s3, s3 + latency)")
+    ap.add_argument("--rounds", type=int, default=9, help="remote rows: rounds of (local, s3, s3 + latency)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loader_throughput.json")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -236,7 +284,9 @@ def main() -> None:
     for r in remote_rows:
         print(f"{r['source']:>28}: {r['samples_per_s']:.1f} samples/s with {r['workers']} workers (median of "
               f"{', '.join(f'{x:.0f}' for x in r['rounds'])})"
-              + (f", {r['over_local']:.2f} of the local folder's" if "over_local" in r else ""))
+              + (f", {r['over_local']:.2f} of the local folder's" if "over_local" in r else "")
+              + f"; the loader's CPU {r['loader_cpu_ms_per_sample']:.2f} ms a sample"
+              + (f" ({r['cpu_over_local']:.2f}x the folder's)" if "cpu_over_local" in r else ""))
     print(f"saved {args.out}")
 
 
