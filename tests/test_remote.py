@@ -1,7 +1,8 @@
-"""Shard sets at a URL, read through fsspec exactly as from a folder: from a real S3-API server on loopback (moto's)
-and from an HTTP server that injects faults (a connection dropped mid-shard, 503 then success, a slow answer, bytes
-that do not match their sha256); `launcher shard --out s3://...`, a killed upload, `inspect --verify` on a URL,
-the preflight's one line for a missing credential or an unreachable address, `publish --dry-run`."""
+"""Shard sets at a URL, read through fsspec exactly as from a folder: from a real S3-API server on loopback (moto's), a
+Google Cloud Storage emulator, and from an HTTP server that injects faults (a connection dropped mid-shard, 503 then
+success, a slow answer, bytes that do not match their sha256); `launcher shard --out s3://...`, a killed upload,
+`inspect --verify` on a URL, the preflight's one line for a missing credential or an unreachable address, `publish
+--dry-run`."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from launcher.shards.fetch import ShardFetcher
 from launcher.shards.format import file_hashes, load_index
 from launcher.shards.reader import BadShard, read_samples
 from launcher.shards.upload import complete_remote_set
-from launcher.testing.stores import Faults, environ, http_server, s3_server
+from launcher.testing.stores import Faults, environ, gcs_server, http_server, s3_server
 from tests.conftest import DEMO, REPO, read_log, run_cli, run_training
 from tests.conftest import run_overrides as base_overrides
 
@@ -330,6 +331,30 @@ def test_shard_out_s3_uploads_index_last_and_a_killed_upload_is_not_a_set(s3, ti
     run_training(overrides(tiny_model, "s3://sets/up/fr", run_dir, "optim.max_steps=3", "checkpoint.every_steps=0"),
                  env=s3)
     assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3]
+
+
+def test_a_set_in_google_cloud_storage_is_uploaded_verified_and_streamed_as_the_folders(demo_shards, tmp_path):
+    """gs:// through gcsfs, against Google's storage API emulated on loopback: the set uploaded as `shard --out` and
+    `publish` upload (index.json last), `inspect --verify` on it, and every shard streamed through a transfer process
+    reads as the folder's."""
+    pytest.importorskip("gcsfs", reason="the gcs extra (gcsfs) is part of `make setup`")
+    pytest.importorskip("gcp_storage_emulator", reason="the test extra's GCS emulator is part of `make setup`")
+    folder = demo_shards["shards"]
+    with gcs_server("sets") as env, environ(env):
+        complete_remote_set(folder, "gs://sets/fr")
+        assert "all match index.json" in run_cli("inspect", "gs://sets/fr", "--verify", env=env).stdout
+        local, remote = load_index(folder), load_index("gs://sets/fr")
+        fetcher, read = ShardFetcher(prefetch=2, process=True), 0
+        for split in local.split_names:
+            fetcher.ahead(remote.shards(split))
+            for here, there in zip(local.shards(split), remote.shards(split), strict=True):
+                file = fetcher.open(there)
+                samples = [(x.key, x.meta, x.mel) for x in read_samples(file)]
+                assert samples == [(x.key, x.meta, x.mel) for x in read_samples(here.path)], there.url
+                fetcher.release(there, file)
+                read += len(samples)
+        fetcher.close()
+    assert read == sum(local.samples(split) for split in local.split_names)
 
 
 def test_the_preflight_names_a_missing_credential_and_an_unreachable_address(s3, tiny_model, tmp_path):

@@ -1,6 +1,7 @@
 """Object stores on loopback for the remote-shard tests and benchmarks: an S3-API server (moto's, which s3fs tests
-itself against) and an HTTP server that serves a folder with range requests and injects the faults networks have (a
-connection dropped in the middle of a file, 503 before success, a slow answer, bytes that are not the file's)."""
+itself against), a Google Cloud Storage emulator (gcp-storage-emulator, which gcsfs reaches through
+STORAGE_EMULATOR_HOST) and an HTTP server that serves a folder with range requests and injects the faults networks have
+(a connection dropped in the middle of a file, 503 before success, a slow answer, bytes that are not the file's)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,32 @@ def s3_server(latency_s: float = 0.0) -> Iterator[dict[str, str]]:
     finally:
         proc.terminate()
         proc.wait()
+
+
+@contextmanager
+def gcs_server(bucket: str) -> Iterator[dict[str, str]]:
+    """gcp-storage-emulator in a process of its own, in memory, on a free loopback port, with `bucket` made. Yields
+    the environment gcsfs needs to use it: its address (without Google credentials gcsfs goes on anonymously)."""
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.testing.stores", "gcs", bucket], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # it prints a traceback per client disconnect
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("port "):
+            raise RuntimeError(f"the GCS emulator did not start (exit code {proc.wait()})")
+        yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{int(line.split()[1])}"}
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def _serve_gcs(bucket: str) -> None:
+    from gcp_storage_emulator.server import create_server
+
+    server = create_server("127.0.0.1", 0, in_memory=True, default_bucket=bucket)  # port 0: the system picks one
+    server.start()
+    server._api.is_running.wait()
+    print(f"port {server._api._httpd.server_port}", flush=True)
+    threading.Event().wait()
 
 
 def _serve_s3(latency_s: float) -> None:
@@ -171,5 +198,5 @@ def http_server(root: Path, faults: Faults | None = None) -> Iterator[tuple[str,
         server.server_close()
 
 
-if __name__ == "__main__":  # python -m launcher.testing.stores s3 LATENCY_S: what s3_server runs
-    _serve_s3(float(sys.argv[2]))
+if __name__ == "__main__":  # python -m launcher.testing.stores s3 LATENCY_S | gcs BUCKET: what the servers run
+    _serve_s3(float(sys.argv[2])) if sys.argv[1] == "s3" else _serve_gcs(sys.argv[2])
