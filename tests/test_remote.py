@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import LauncherError
+from launcher.shards import transfer
 from launcher.shards.fetch import ShardFetcher
 from launcher.shards.format import file_hashes, load_index
 from launcher.shards.reader import BadShard, read_samples
@@ -237,6 +239,29 @@ def test_a_killed_transfer_process_is_replaced_once_and_the_shard_goes_on_from_t
         assert len(reached) == 2 and end_of_samples(shard.path, 2) <= int(reached[1]) <= hold, reached
         fetcher.release(remote, once)
         fetcher.close()
+
+
+def test_a_transfer_process_whose_fetcher_is_gone_leaves_at_once_without_retrying(demo_shards, tmp_path):
+    """A loader worker that ends (the end of a measurement, of an epoch without persistent workers) takes its read
+    end of the answers with it while a transfer is under way: the transfer process leaves quietly, rather than
+    taking the broken pipe for a network failure and retrying with warnings."""
+    pytest.importorskip("aiohttp")
+    folder = small_pieces(demo_shards["shards"], tmp_path / "set", 4096)
+    with http_server(folder) as (url, _):
+        shard = load_index(url).shards("train")[0]
+        part = tmp_path / "shard.part"
+        part.touch()
+        proc = subprocess.Popen([sys.executable, "-m", "launcher.shards.transfer", "1"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # the fetcher's end of the answers is gone; its end of the commands stays open
+        pickle.dump(("start", 0, shard, str(part), 0, transfer.Settings(block=4096)), proc.stdin)
+        proc.stdin.flush()
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            proc.kill()
+            proc.stdin.close()
+        assert "retrying" not in proc.stderr.read().decode()
 
 
 def test_a_set_without_pieces_is_checked_whole_before_it_is_read_and_bad_pieces_are_named(demo_shards, tmp_path):

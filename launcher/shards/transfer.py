@@ -216,8 +216,11 @@ def serve(parallel: int) -> None:
 
     def answer(message: tuple) -> None:
         with lock:
-            pickle.dump(message, answers)
-            answers.flush()
+            try:
+                pickle.dump(message, answers)
+                answers.flush()
+            except OSError:  # the fetcher is gone (its worker ended): so is this process, without retries or words
+                os._exit(0)
 
     def run(key: int, shard: Shard, part: str, start: int, settings: Settings) -> None:
         error = outcome(shard, lambda: fetch(shard, Path(part), start, settings, lambda n: answer(("ready", key, n)),
