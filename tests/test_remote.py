@@ -24,7 +24,7 @@ import pytest
 from launcher.errors import LauncherError
 from launcher.shards import transfer
 from launcher.shards.fetch import ShardFetcher
-from launcher.shards.format import file_hashes, load_index
+from launcher.shards.format import Shard, file_hashes, load_index
 from launcher.shards.reader import BadShard, read_samples
 from launcher.shards.upload import complete_remote_set
 from launcher.testing.stores import Faults, environ, gcs_server, http_server, s3_server
@@ -132,6 +132,14 @@ def small_pieces(shards: Path, out: Path, piece: int) -> Path:
     return out
 
 
+def first_train_shard(demo_shards, tmp_path: Path, piece: int) -> tuple[Path, Shard, str]:
+    """A copy of the demo set with pieces of `piece` bytes: its folder, its first train shard, and that shard's path
+    within the set (as the fault server names it)."""
+    folder = small_pieces(demo_shards["shards"], tmp_path / "set", piece)
+    shard = load_index(folder).shards("train")[0]
+    return folder, shard, Path(shard.path).relative_to(folder).as_posix()
+
+
 def end_of_samples(path: Path, n: int) -> int:
     """The byte where a tar's first `n` samples end."""
     with tarfile.open(path) as tar:
@@ -146,9 +154,7 @@ def test_a_remote_shard_is_read_as_its_bytes_arrive_each_piece_checked_first(dem
     a thread (evaluation, verify) or in a process of their own (the training loader)."""
     pytest.importorskip("aiohttp")
     piece = 4096
-    folder = small_pieces(demo_shards["shards"], tmp_path / "set", piece)
-    shard = load_index(folder).shards("train")[0]
-    rel = Path(shard.path).relative_to(folder).as_posix()
+    folder, shard, rel = first_train_shard(demo_shards, tmp_path, piece)
     expected = [(x.key, x.meta, x.mel) for x in read_samples(shard.path)]
     hold = (end_of_samples(shard.path, 2) // piece + 2) * piece
     assert hold < shard.bytes - 2 * piece, "the test needs a shard of more samples"
@@ -174,9 +180,7 @@ def test_a_remote_shard_is_read_as_its_bytes_arrive_each_piece_checked_first(dem
 def test_a_piece_that_never_matches_loses_the_samples_after_it_and_no_sample_before(demo_shards, tmp_path, process):
     pytest.importorskip("aiohttp")
     piece = 4096
-    folder = small_pieces(demo_shards["shards"], tmp_path / "set", piece)
-    shard = load_index(folder).shards("train")[0]
-    rel = Path(shard.path).relative_to(folder).as_posix()
+    folder, shard, rel = first_train_shard(demo_shards, tmp_path, piece)
     expected = [x.key for x in read_samples(shard.path)]
     at = (end_of_samples(shard.path, 2) // piece + 1) * piece + 700  # in a piece of the third sample only
     with http_server(folder, Faults(corrupt={rel: at})) as (url, _):
@@ -199,9 +203,7 @@ def test_a_killed_transfer_process_is_replaced_once_and_the_shard_goes_on_from_t
     from there (named, the samples before it read)."""
     pytest.importorskip("aiohttp")
     piece = 4096
-    folder = small_pieces(demo_shards["shards"], tmp_path / "set", piece)
-    shard = load_index(folder).shards("train")[0]
-    rel = Path(shard.path).relative_to(folder).as_posix()
+    folder, shard, rel = first_train_shard(demo_shards, tmp_path, piece)
     expected = [(x.key, x.meta, x.mel) for x in read_samples(shard.path)]
     hold = (end_of_samples(shard.path, 2) // piece + 2) * piece
     faults = Faults(hold_from={rel: hold})

@@ -23,37 +23,36 @@ S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "test
 
 
 @contextmanager
-def s3_server(latency_s: float = 0.0) -> Iterator[dict[str, str]]:
-    """moto's S3 server (its WSGI app, as `moto_server` runs it) in a process of its own, as a bucket is elsewhere:
-    it shares no interpreter lock with the reader; on a free loopback port, `latency_s` added to every request.
-    Yields the environment s3fs (botocore) needs to use it: its address (AWS_ENDPOINT_URL) and throwaway
-    credentials."""
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.testing.stores", "s3", str(latency_s)],
-                            stdout=subprocess.PIPE, text=True)
+def _server(kind: str, arg: str, **popen) -> Iterator[int]:
+    """`python -m launcher.testing.stores KIND ARG` (one of the servers below) in a process of its own, as a bucket is
+    elsewhere: it shares no interpreter lock with the reader. Yields the loopback port it chose; stopped after."""
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.testing.stores", kind, arg], stdout=subprocess.PIPE,
+                            text=True, **popen)
     try:
         line = proc.stdout.readline()
         if not line.startswith("port "):
-            raise RuntimeError(f"the S3 server did not start (exit code {proc.wait()})")
-        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{int(line.split()[1])}", **S3_CREDENTIALS}
+            raise RuntimeError(f"the {kind} server did not start (exit code {proc.wait()})")
+        yield int(line.split()[1])
     finally:
         proc.terminate()
         proc.wait()
 
 
 @contextmanager
+def s3_server(latency_s: float = 0.0) -> Iterator[dict[str, str]]:
+    """moto's S3 server (its WSGI app, as `moto_server` runs it) on a free loopback port, `latency_s` added to every
+    request. Yields the environment s3fs (botocore) needs to use it: its address (AWS_ENDPOINT_URL) and throwaway
+    credentials."""
+    with _server("s3", str(latency_s)) as port:
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **S3_CREDENTIALS}
+
+
+@contextmanager
 def gcs_server(bucket: str) -> Iterator[dict[str, str]]:
-    """gcp-storage-emulator in a process of its own, in memory, on a free loopback port, with `bucket` made. Yields
-    the environment gcsfs needs to use it: its address (without Google credentials gcsfs goes on anonymously)."""
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.testing.stores", "gcs", bucket], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)  # it prints a traceback per client disconnect
-    try:
-        line = proc.stdout.readline()
-        if not line.startswith("port "):
-            raise RuntimeError(f"the GCS emulator did not start (exit code {proc.wait()})")
-        yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{int(line.split()[1])}"}
-    finally:
-        proc.terminate()
-        proc.wait()
+    """gcp-storage-emulator, in memory, on a free loopback port, with `bucket` made. Yields the environment gcsfs needs
+    to use it: its address (without Google credentials gcsfs goes on anonymously)."""
+    with _server("gcs", bucket, stderr=subprocess.DEVNULL) as port:  # it prints a traceback per client disconnect
+        yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
 
 
 def _serve_gcs(bucket: str) -> None:
